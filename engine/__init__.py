@@ -1,0 +1,7 @@
+"""The training and evaluation engine shared by ``main.py`` and ``light_main.py``.
+
+One module per concern: ``config`` (command line, YAML, recipes), ``data``,
+``distributed``, ``train`` (the loop), ``evaluate``, ``checkpoint`` (atomic
+save, exact resume, loading any checkpoint format), ``reporting`` (console,
+tqdm, TensorBoard, CSV), ``errors`` (one clear line for bad input).
+"""

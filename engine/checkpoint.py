@@ -1,0 +1,313 @@
+"""Checkpoints: reading any format safely, building the model a file fits, and saving atomically.
+
+Reading goes through :func:`read_checkpoint` everywhere (evaluation, resume,
+fine-tuning, prediction, export): ``torch.load(weights_only=True)`` so a
+downloaded file can never run code, ``map_location`` so a CUDA-saved file
+loads on a CPU-only machine, and the ``module.`` / ``_orig_mod.`` prefixes of
+DataParallel, DDP and ``torch.compile`` stripped. The released files are
+legacy-format pickles of ``{epoch, arch, state_dict, best_prec1, optimizer}``
+whose ``arch`` is not reliable, so the architecture and every ECA kernel size
+are read from the tensors themselves.
+"""
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+import models
+from models.kernel_sizes import KernelSpec
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, normalised."""
+
+    path: str
+    state_dict: Dict[str, torch.Tensor]
+    contents: Dict[str, Any]
+
+    @property
+    def epoch(self) -> Optional[int]:
+        epoch = self.contents.get("epoch")
+        return int(epoch) if epoch is not None else None
+
+    @property
+    def best_prec1(self) -> Optional[float]:
+        return as_float(self.contents.get("best_prec1"))
+
+    @property
+    def arch_tag(self) -> Optional[str]:
+        arch = self.contents.get("arch")
+        return arch if isinstance(arch, str) else None
+
+
+def as_float(value: Any) -> Optional[float]:
+    """The original stored ``best_prec1`` as a (CUDA) tensor; everything here wants a float."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().cpu().item())
+    return float(value)
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop the leading ``module.`` (DataParallel, DDP) and ``_orig_mod.`` (torch.compile) of every key."""
+    stripped = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+        stripped[key] = value
+    return stripped
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def read_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
+    """Load ``path`` with ``weights_only=True``; a bad path or file raises :class:`UsageError`."""
+    if not path:
+        raise UsageError("no checkpoint path given")
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint {path!r} does not exist: check the path (nothing was started)")
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path!r} is not a file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = _refused_global(str(error))
+        if refused:
+            raise UsageError(
+                f"refused to load {path!r}: its pickle calls {refused}, which could run code; "
+                "checkpoints must hold only tensors and plain data (re-save it as a plain state_dict "
+                "if, and only if, you trust where it came from)"
+            ) from None
+        raise UsageError(f"{path!r} is not a PyTorch checkpoint (its bytes do not unpickle)") from None
+    except Exception as error:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways; all mean "not a checkpoint"
+        reason = "the file is empty" if os.path.getsize(path) == 0 else f"reading it fails with {type(error).__name__}"
+        raise UsageError(f"{path!r} is not a PyTorch checkpoint ({reason})") from None
+
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        contents = dict(obj)
+        state_dict = obj["state_dict"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        # torchvision's reference scripts store the weights under "model".
+        contents = dict(obj)
+        state_dict = obj["model"]
+    elif _is_state_dict(obj):
+        contents = {}
+        state_dict = obj
+    else:
+        raise UsageError(
+            f"{path!r} holds no model weights: expected a dict with 'state_dict' or a bare state_dict"
+        )
+    return Checkpoint(path=path, state_dict=strip_wrapper_prefixes(state_dict), contents=contents)
+
+
+def _refused_global(message: str) -> Optional[str]:
+    """The callable a weights-only load refused to import, if that is why it failed."""
+    for line in message.splitlines():
+        if "GLOBAL" in line:
+            words = line.split()
+            return words[words.index("GLOBAL") + 1] if words.index("GLOBAL") + 1 < len(words) else "a global"
+    return None
+
+
+# --- which architecture, kernel sizes and class count a state_dict fits -------------------------
+
+
+def _reference_shapes(arch: str, num_classes: int = 1000) -> Dict[str, Tuple[int, ...]]:
+    with torch.device("meta"):
+        model = models.ARCHITECTURES[arch](num_classes=num_classes)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _comparable_keys(keys) -> set:
+    # BatchNorm's step counter is absent from files written before PyTorch 0.4.1 and carries no weights.
+    return {k for k in keys if not k.endswith("num_batches_tracked")}
+
+
+def identify_architecture(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The architecture whose parameter names equal the state_dict's, or None."""
+    keys = _comparable_keys(state_dict)
+    for arch in models.ARCHITECTURES:
+        if _comparable_keys(_reference_shapes(arch)) == keys:
+            return arch
+    return None
+
+
+def eca_kernel_keys(arch: str, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """The ECA kernel names of ``state_dict`` in network order."""
+    order = list(_reference_shapes(arch))
+    return [k for k in order if k.endswith("eca.conv.weight") or _is_mobilenet_eca(arch, k)]
+
+
+def _is_mobilenet_eca(arch: str, key: str) -> bool:
+    parts = key.split(".")
+    # features.<block>.conv.<last>.conv.weight: the ECA layer closing an inverted residual block.
+    return arch == "eca_mobilenet_v2" and len(parts) == 6 and parts[2] == "conv" and parts[4:] == ["conv", "weight"]
+
+
+def kernel_sizes_from_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, ...]:
+    """Kernel sizes as the constructor takes them: per stage for ResNets, per block for MobileNetV2."""
+    keys = eca_kernel_keys(arch, state_dict)
+    if arch == "eca_mobilenet_v2":
+        return tuple(int(state_dict[k].shape[-1]) for k in keys)
+    per_stage: Dict[str, int] = {}
+    for key in keys:
+        stage, size = key.split(".")[0], int(state_dict[key].shape[-1])
+        if per_stage.setdefault(stage, size) != size:
+            raise UsageError(
+                f"{key} has kernel size {size} but other ECA layers of {stage} have {per_stage[stage]}: "
+                "one kernel size per stage is supported"
+            )
+    return tuple(per_stage[f"layer{i}"] for i in range(1, 5))
+
+
+def num_classes_from_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int:
+    head = "classifier.1.weight" if arch == "eca_mobilenet_v2" else "fc.weight"
+    return int(state_dict[head].shape[0])
+
+
+def classifier_prefix(arch: str) -> str:
+    return "classifier.1." if arch == "eca_mobilenet_v2" else "fc."
+
+
+def resolve_kernel_sizes(arch: str, k_size: KernelSpec) -> Tuple[int, ...]:
+    """The per-stage (or per-block) kernel sizes ``-a arch --ksize k_size`` builds."""
+    with torch.device("meta"):
+        return models.ARCHITECTURES[arch](k_size=k_size, num_classes=1).kernel_sizes
+
+
+def _check_kernel_sizes(arch: str, k_size: KernelSpec, found: Tuple[int, ...], ckpt: Checkpoint) -> None:
+    try:
+        wanted = resolve_kernel_sizes(arch, k_size)
+    except ValueError as error:
+        raise UsageError(f"--ksize: {error}") from None
+    if tuple(wanted) == tuple(found):
+        return
+    keys = eca_kernel_keys(arch, ckpt.state_dict)
+    for key in keys:
+        index = int(key.split(".")[1]) - 1 if arch == "eca_mobilenet_v2" else int(key[len("layer")]) - 1
+        if wanted[index] != found[index]:
+            raise UsageError(
+                f"--ksize {k_size} asks for kernel size {wanted[index]} at {key}, but {ckpt.path!r} has "
+                f"{found[index]} there (the file's sizes: {''.join(map(str, found)) if max(found) < 10 else ','.join(map(str, found))}); "
+                "drop --ksize to use the file's kernel sizes"
+            )
+
+
+def check_fits_architecture(arch: str, ckpt: Checkpoint) -> None:
+    """Raise :class:`UsageError` naming the right ``-a`` when the file holds another architecture."""
+    reference = _comparable_keys(_reference_shapes(arch))
+    if _comparable_keys(ckpt.state_dict) == reference:
+        if ckpt.arch_tag and ckpt.arch_tag != arch:
+            logger.warning(
+                "warning: %s says arch %r, but its tensors are %s's; loading them as %s",
+                ckpt.path, ckpt.arch_tag, arch, arch,
+            )
+        return
+    actual = identify_architecture(ckpt.state_dict)
+    if actual:
+        raise UsageError(f"{ckpt.path!r} holds {actual} weights, not {arch}: run with -a {actual}")
+    missing = sorted(reference - set(ckpt.state_dict))[:3]
+    unexpected = sorted(set(ckpt.state_dict) - reference)[:3]
+    raise UsageError(
+        f"{ckpt.path!r} does not hold {arch} weights (missing e.g. {missing}, unexpected e.g. {unexpected}); "
+        "use --init-from to load only the tensors that match"
+    )
+
+
+def model_from_checkpoint(
+    arch: Optional[str], ckpt: Checkpoint, k_size: KernelSpec = None, num_classes: Optional[int] = None
+) -> nn.Module:
+    """Build the model ``ckpt`` fits, with its kernel sizes and class count, and load it strictly.
+
+    ``arch`` None means: whichever architecture the tensors fit. A ``k_size``
+    or ``num_classes`` that disagrees with the file is a :class:`UsageError`.
+    """
+    if arch is None:
+        arch = identify_architecture(ckpt.state_dict)
+        if arch is None:
+            raise UsageError(f"{ckpt.path!r} holds no known ECA architecture's weights")
+    check_fits_architecture(arch, ckpt)
+    kernel_sizes = kernel_sizes_from_state_dict(arch, ckpt.state_dict)
+    if k_size is not None:
+        _check_kernel_sizes(arch, k_size, kernel_sizes, ckpt)
+    file_classes = num_classes_from_state_dict(arch, ckpt.state_dict)
+    if num_classes is not None and num_classes != file_classes:
+        raise UsageError(
+            f"{ckpt.path!r} has {file_classes} classes but this run has {num_classes}: "
+            "evaluate on data with the same classes, or fine-tune with --init-from"
+        )
+    model = models.ARCHITECTURES[arch](k_size=kernel_sizes, num_classes=file_classes)
+    state_dict = dict(ckpt.state_dict)
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state_dict.setdefault(key, value)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def load_model(path: str, arch: Optional[str] = None, k_size: KernelSpec = None, map_location: Any = "cpu"):
+    """Read ``path`` and return ``(model, checkpoint)``: the one call tools need."""
+    ckpt = read_checkpoint(path, map_location=map_location)
+    return model_from_checkpoint(arch, ckpt, k_size=k_size), ckpt
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write ``obj`` so that ``path`` always holds either the old file or the complete new one.
+
+    The bytes go to a temporary file in the same folder, are flushed and
+    fsynced, and replace ``path`` in one ``os.replace``: a kill at any moment
+    leaves the previous checkpoint intact and loadable.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    _fsync_directory(folder)
+
+
+def _fsync_directory(folder: str) -> None:
+    # The rename itself is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

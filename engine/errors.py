@@ -1,0 +1,44 @@
+"""Bad input ends in one clear line and a non-zero exit, never a traceback.
+
+Code that finds a problem with what the user gave (a path, a flag, a file)
+raises :class:`UsageError` with a message that names the problem and the fix.
+Entry points run under :func:`run_cli`, which prints that message and exits
+with status 2. Anything else is a bug and keeps its traceback.
+"""
+import os
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Something the user supplied is wrong; the message says what and how to fix it."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving what it had; the message says how to resume."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UsageError(message)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """Run ``main(argv)`` and turn expected failures into one line on stderr and an exit status.
+
+    Set ``ECA_DEBUG=1`` to see the traceback behind a usage error as well.
+    """
+    prog = os.path.basename(sys.argv[0]) or "eca"
+    try:
+        main(argv)
+    except UsageError as error:
+        if os.environ.get("ECA_DEBUG"):
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    except Interrupted as stop:
+        print(f"{prog}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(0)
