@@ -5,12 +5,22 @@ one per ResNet stage, and kernels of 10 or more could not be written. The same
 digit form still works here, next to a comma form, a list, one integer for all
 stages and ``"adaptive"`` (the paper's Eq. 12).
 """
+import re
 from typing import Sequence, Tuple, Union
 
 __all__ = ["KernelSpec", "ADAPTIVE", "parse_kernel_sizes"]
 
 ADAPTIVE = "adaptive"
 KernelSpec = Union[None, int, str, Sequence[Union[int, str]]]
+
+# One signed integer ("-3", "+5"): a single value for every stage, so that a sign
+# is reported as "not a positive odd integer" instead of as a wrong digit count.
+_SIGNED_INTEGER = re.compile(r"[+-][0-9]+")
+
+
+def _is_digits(text: str) -> bool:
+    # str.isdigit() also accepts "²" and other Unicode digits that int() rejects.
+    return text.isascii() and text.isdigit()
 
 
 def _accepted_forms(count: int) -> str:
@@ -28,7 +38,7 @@ def _to_int(item: Union[int, str], spec: KernelSpec, count: int) -> int:
         value = item
     else:
         text = str(item).strip()
-        if not text.isdigit():
+        if not (_is_digits(text) or _SIGNED_INTEGER.fullmatch(text)):
             raise ValueError(f"invalid ECA kernel sizes {spec!r}: {item!r} is not an integer; {_accepted_forms(count)}")
         value = int(text)
     if value < 1 or value % 2 == 0:
@@ -54,13 +64,14 @@ def parse_kernel_sizes(spec: KernelSpec, count: int = 4) -> Union[Tuple[int, ...
             return ADAPTIVE
         if "," in text:
             items = [part for part in text.split(",")]
-        elif text.isdigit() and len(text) == 1:
+        elif (_is_digits(text) and len(text) == 1) or _SIGNED_INTEGER.fullmatch(text):
             items = [text] * count
         else:
             items = list(text)
     elif isinstance(spec, int) and not isinstance(spec, bool):
         items = [spec] * count
-    elif isinstance(spec, Sequence):
+    elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
+        # (bytes are a Sequence of ints: b"3557" would silently become kernels 51, 53, 53, 55.)
         items = list(spec)
         if len(items) == 1:
             items = items * count
