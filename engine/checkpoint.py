@@ -12,6 +12,7 @@ are read from the tensors themselves.
 import logging
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -119,16 +120,27 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
         raise UsageError(
             f"{path!r} holds no model weights: expected a dict with 'state_dict' or a bare state_dict"
         )
+    # A model's state_dict saved on the 'meta' device pickles shapes without data, and
+    # map_location does not change that: loading it later fails with "Cannot copy out of meta tensor".
+    asked_for_meta = isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "meta"
+    if not asked_for_meta and any(isinstance(v, torch.Tensor) and v.is_meta for v in state_dict.values()):
+        raise UsageError(
+            f"{path!r} holds tensors without data (saved from a model on the 'meta' device): "
+            "save the state_dict after the weights are materialised"
+        )
     return Checkpoint(path=path, state_dict=strip_wrapper_prefixes(state_dict), contents=contents)
+
+
+# "GLOBAL posix.system was not an allowed global" / "GLOBAL posix.system whose module posix is blocked".
+# Requiring a dotted name followed by those words keeps a text file that happens to start with
+# "c" (pickle's GLOBAL opcode) from being reported as a pickle that calls code.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) (?:was not an allowed global|whose module)")
 
 
 def _refused_global(message: str) -> Optional[str]:
     """The callable a weights-only load refused to import, if that is why it failed."""
-    for line in message.splitlines():
-        if "GLOBAL" in line:
-            words = line.split()
-            return words[words.index("GLOBAL") + 1] if words.index("GLOBAL") + 1 < len(words) else "a global"
-    return None
+    match = _REFUSED_GLOBAL.search(message)
+    return match.group(1) if match else None
 
 
 # --- which architecture, kernel sizes and class count a state_dict fits -------------------------
@@ -263,7 +275,11 @@ def model_from_checkpoint(
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked"):
             state_dict.setdefault(key, value)
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        # Same names, other shapes (e.g. another width): the file is wrong, not the code.
+        raise UsageError(f"{ckpt.path!r} does not fit {arch}: {error}") from None
     return model
 
 
