@@ -12,6 +12,7 @@ are read from the tensors themselves.
 import logging
 import os
 import pickle
+import shutil
 import re
 import tempfile
 from dataclasses import dataclass
@@ -308,6 +309,23 @@ def atomic_save(obj: Any, path: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    _fsync_directory(folder)
+
+
+def atomic_copy(source: str, destination: str) -> None:
+    """Copy ``source`` to ``destination`` with the same all-or-nothing guarantee as :func:`atomic_save`."""
+    folder = os.path.dirname(os.path.abspath(destination))
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(destination) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, length=16 << 20)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, destination)
     except BaseException:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)

@@ -6,6 +6,7 @@ Entry points run under :func:`run_cli`, which prints that message and exits
 with status 2. Anything else is a bug and keeps its traceback.
 """
 import os
+import signal
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -20,19 +21,23 @@ class UsageError(Exception):
 class Interrupted(Exception):
     """The run was stopped by a signal after saving what it had; the message says how to resume."""
 
+    def __init__(self, message: str, signal_name: Optional[str] = None):
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal, signal_name)) if signal_name else EXIT_INTERRUPTED
+
 
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """Run ``main(argv)`` and turn expected failures into one line on stderr and an exit status.
+def report_and_exit(action: Callable[[], object]) -> NoReturn:
+    """Run ``action()`` and turn expected failures into one line on stderr and an exit status.
 
     Set ``ECA_DEBUG=1`` to see the traceback behind a usage error as well.
     """
     prog = os.path.basename(sys.argv[0]) or "eca"
     try:
-        main(argv)
+        action()
     except UsageError as error:
         if os.environ.get("ECA_DEBUG"):
             raise
@@ -40,5 +45,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
         sys.exit(EXIT_USAGE)
     except Interrupted as stop:
         print(f"{prog}: {stop}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(stop.exit_code)
     sys.exit(0)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """Run an entry point's ``main(argv)`` under :func:`report_and_exit`."""
+    report_and_exit(lambda: main(argv))

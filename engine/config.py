@@ -1,0 +1,223 @@
+"""The command line of ``main.py`` and ``light_main.py``: flags, recipes and YAML configs.
+
+Every flag of the original keeps its name and meaning; new flags are named as
+in torchvision's reference scripts. Precedence, lowest first: the script's
+recipe (ResNet or MobileNetV2), a ``--config`` YAML file, the command line.
+"""
+import argparse
+import os
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import yaml
+
+import models
+from models.kernel_sizes import parse_kernel_sizes
+
+from .errors import UsageError
+
+# The two recipes of the paper (SPEC: Recipes). The scripts differ only in these.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "resnet": dict(
+        arch="eca_resnet50", epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
+        lr_scheduler="step", lr_step_size=30, lr_gamma=0.1,
+    ),
+    "mobilenet": dict(
+        arch="eca_mobilenet_v2", epochs=400, batch_size=96, lr=0.045, momentum=0.9, weight_decay=4e-5,
+        lr_scheduler="exponential", lr_step_size=1, lr_gamma=0.98,
+    ),
+}
+ARCH_NAMES = sorted(models.ARCHITECTURES)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a :class:`UsageError`) instead of usage text and exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser(recipe: str) -> ArgumentParser:
+    defaults = RECIPES[recipe]
+    parser = ArgumentParser(
+        description=f"Train or evaluate ECA-Net on ImageNet ({recipe} recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("data", metavar="DATA", help="folder with train/CLASS/*.JPEG and val/CLASS/*.JPEG")
+
+    original = parser.add_argument_group("flags of the original")
+    original.add_argument("-a", "--arch", metavar="ARCH", choices=ARCH_NAMES, default=None,
+                          help=f"one of: {' | '.join(ARCH_NAMES)} (default: {defaults['arch']}, or what --resume holds)")
+    original.add_argument("--ksize", default=None, help="ECA kernel sizes: '3557', '3,5,5,7', '5' or 'adaptive' "
+                          "(default: the released model's, or read from --resume)")
+    original.add_argument("-j", "--workers", type=int, default=None, help="data loading workers per process "
+                          "(default: the CPUs of this machine over its processes, at most 8)")
+    original.add_argument("--epochs", type=int, help="number of epochs to train")
+    original.add_argument("--start-epoch", type=int, default=None, help="epoch to start at (default: 0, or the resumed one)")
+    original.add_argument("-b", "--batch-size", type=int, help="batch of one machine, split over its processes")
+    original.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="initial learning rate")
+    original.add_argument("--momentum", type=float)
+    original.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float)
+    original.add_argument("-p", "--print-freq", type=int, default=10, help="print every N batches")
+    original.add_argument("--resume", default="", metavar="PATH", help="checkpoint to resume (or, with -e, to evaluate)")
+    original.add_argument("-e", "--evaluate", action="store_true", help="evaluate on val/ and exit")
+    original.add_argument("--pretrained", action="store_true", help="start from released weights: needs --init-from FILE")
+    original.add_argument("--world-size", type=int, default=-1, help="number of nodes (with --dist-url)")
+    original.add_argument("--rank", type=int, default=-1, help="rank of this node (with --dist-url)")
+    original.add_argument("--dist-url", default=None, help="URL to set up distributed training, e.g. tcp://HOST:PORT")
+    original.add_argument("--dist-backend", default=None, help="nccl on GPUs, gloo on the CPU (default)")
+    original.add_argument("--seed", type=int, default=None, help="seed for exactly reproducible runs")
+    original.add_argument("--gpu", type=int, default=None, help="train on this one GPU")
+    original.add_argument("--action", default="", help="tag appended to the output folder name")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", default=None, help="YAML file of defaults (see configs/); flags override it")
+    run.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<arch>_<action>)")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    run.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
+    run.add_argument("--dist-timeout", type=float, default=30.0, help="minutes before a stuck collective fails the job")
+    run.add_argument("--strict-data", action="store_true", help="stop on an unreadable image instead of skipping it")
+    run.add_argument("--num-classes", type=int, default=None, help="default: the class folders in DATA/train")
+    run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="write no TensorBoard events")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr-scheduler", choices=("step", "cosine", "exponential"))
+    optim.add_argument("--lr-step-size", type=int, help="epochs between lr drops (step)")
+    optim.add_argument("--lr-gamma", type=float, help="lr factor per drop (step) or per epoch (exponential)")
+    optim.add_argument("--lr-min", type=float, default=0.0, help="final lr of the cosine schedule")
+    optim.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up from lr/100, per iteration")
+    optim.add_argument("--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this value")
+    optim.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
+    optim.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per step")
+    optim.add_argument("--model-ema-steps", type=int, default=32, help="update the EMA every N steps")
+
+    augment = parser.add_argument_group("data and augmentation")
+    augment.add_argument("--train-crop-size", type=int, default=224)
+    augment.add_argument("--val-resize-size", type=int, default=256)
+    augment.add_argument("--val-crop-size", type=int, default=224)
+    augment.add_argument("--auto-augment", choices=("imagenet", "ta_wide", "randaugment"), default=None)
+    augment.add_argument("--mixup-alpha", type=float, default=0.0)
+    augment.add_argument("--cutmix-alpha", type=float, default=0.0)
+
+    transfer = parser.add_argument_group("transfer and fine-tuning")
+    transfer.add_argument("--init-from", default="", metavar="PATH", help="start a new run from the matching tensors "
+                          "of any checkpoint or state_dict (torchvision ResNet, released ECA, ours)")
+    transfer.add_argument("--freeze-backbone", action="store_true", help="train only the classifier (linear probe)")
+    transfer.add_argument("--backbone-lr-scale", type=float, default=1.0, help="lr factor for all but the classifier")
+
+    parser.set_defaults(**{key: value for key, value in defaults.items() if key != "arch"})
+    return parser
+
+
+def _read_config(path: str, known: Iterable[str]) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path!r} does not exist")
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UsageError(f"--config {path!r} is not valid YAML{line}: fix the syntax") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path!r} must be a mapping of option: value")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(known) - {"config"})
+    if unknown:
+        raise UsageError(f"--config {path!r} has unknown keys {unknown}: use the long flag names, e.g. 'lr', 'arch', 'ksize'")
+    return values
+
+
+def parse_args(recipe: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` over the recipe and ``--config`` defaults, and check what can be checked early."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(recipe)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    config_path = pre.parse_known_args(argv)[0].config
+    if config_path:
+        known = {action.dest for action in parser._actions}
+        config = _read_config(config_path, known)
+        if "ksize" in config and config["ksize"] is not None:
+            config["ksize"] = str(config["ksize"])
+        if config.get("arch") is not None and config["arch"] not in ARCH_NAMES:
+            raise UsageError(f"--config {config_path!r}: unknown arch {config['arch']!r}; choose from {ARCH_NAMES}")
+        parser.set_defaults(**config)
+    args = parser.parse_args(argv)
+    args.recipe = recipe
+    if args.arch is None and not args.resume:
+        args.arch = RECIPES[recipe]["arch"]
+    validate(args)
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Errors that need no data, no device and no file: one line each, before anything starts."""
+    if args.ksize is not None and args.arch is not None:
+        try:
+            parse_kernel_sizes(args.ksize, count=kernel_count(args.arch))
+        except ValueError as error:
+            raise UsageError(f"--ksize: {error}") from None
+    if args.pretrained and not args.init_from and not args.resume:
+        raise UsageError(
+            "--pretrained: this codebase downloads nothing; download the released file "
+            "(e.g. eca_resnet50_k3557.pth.tar) and pass --init-from FILE to fine-tune or -e --resume FILE to evaluate"
+        )
+    if args.resume and args.init_from:
+        raise UsageError("--resume continues a run and --init-from starts a new one: pass only one of them")
+    for name in ("epochs", "batch_size", "print_freq"):
+        if getattr(args, name) is None or getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError("-j/--workers must be 0 or more")
+    if args.lr is None or args.lr <= 0:
+        raise UsageError("--lr must be positive")
+    for name in ("train_crop_size", "val_resize_size", "val_crop_size"):
+        if getattr(args, name) < 8:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 8 pixels")
+    if args.val_crop_size > args.val_resize_size:
+        raise UsageError("--val-crop-size must not exceed --val-resize-size")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UsageError("--num-classes must be positive")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise UsageError("--label-smoothing must be in [0, 1)")
+    if args.mixup_alpha < 0 or args.cutmix_alpha < 0:
+        raise UsageError("--mixup-alpha and --cutmix-alpha must be 0 (off) or positive")
+    if args.gpu is not None and args.device not in (None, "cuda", f"cuda:{args.gpu}"):
+        raise UsageError(f"--gpu {args.gpu} and --device {args.device} disagree: pass one of them")
+
+
+def default_output_dir(args: argparse.Namespace) -> str:
+    """The original's ``runs/<arch>_<action>`` (just ``runs/<arch>`` without an action tag)."""
+    name = f"{args.arch}_{args.action}" if args.action else args.arch
+    return os.path.join("runs", name)
+
+
+def serialisable_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The arguments as plain data, for checkpoints (loadable with weights_only) and args.yaml."""
+    plain: Dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            plain[key] = value
+        elif isinstance(value, (list, tuple)):
+            plain[key] = list(value)
+        else:
+            plain[key] = str(value)
+    return plain
+
+
+def dump_yaml(values: Dict[str, Any]) -> str:
+    return yaml.safe_dump(values, sort_keys=True)
+
+
+def kernel_count(arch: str) -> int:
+    return 17 if arch == "eca_mobilenet_v2" else 4
+
+
+__all__: List[str] = ["RECIPES", "ARCH_NAMES", "build_parser", "parse_args", "default_output_dir", "serialisable_args"]

@@ -1,0 +1,303 @@
+"""Data: the ImageFolder layout, uint8 decoding and augmentation in the workers, seeded order.
+
+Workers decode JPEGs and augment on uint8 tensors (a quarter of the bytes of
+float images to pass between processes); the batch is converted to float and
+normalised once, on the training device (:class:`BatchPreparer`).
+
+Every random choice is a function of (seed, epoch, sample): the sampler yields
+``(index, sample_seed)`` pairs and each sample's augmentation runs under its
+own seed. The data a step sees therefore does not depend on the number of
+workers or on what ran before, which is what makes a resumed run equal to one
+that never stopped.
+
+Unreadable images (empty files, broken JPEGs, text named ``.JPEG``) are
+skipped and reported by path, unless ``--strict-data`` makes them fatal.
+"""
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from .distributed import DistContext
+from .errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --- the folder layout ---------------------------------------------------------------------------
+
+
+def _class_folders(split_dir: str) -> List[str]:
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _split_dir(root: str, split: str) -> str:
+    return os.path.join(root, split)
+
+
+def check_data_root(root: str, need_train: bool) -> List[str]:
+    """Check DATA's layout and return the class names (from train/, checked against val/)."""
+    if not os.path.exists(root):
+        raise UsageError(f"DATA folder {root!r} does not exist: pass the folder holding train/ and val/")
+    if not os.path.isdir(root):
+        raise UsageError(f"DATA {root!r} is not a folder: pass the folder holding train/ and val/")
+    train_dir, val_dir = _split_dir(root, "train"), _split_dir(root, "val")
+    if need_train and not os.path.isdir(train_dir):
+        raise UsageError(f"{root!r} has no train/ folder: training needs DATA/train/CLASS/*.JPEG")
+    if not os.path.isdir(val_dir):
+        raise UsageError(f"{root!r} has no val/ folder: evaluation needs DATA/val/CLASS/*.JPEG")
+    reference = train_dir if os.path.isdir(train_dir) else val_dir
+    classes = _class_folders(reference)
+    if not classes:
+        raise UsageError(f"{reference!r} has no class folders: put each class's images in {reference}/CLASS/")
+    if reference == train_dir:
+        val_classes = _class_folders(val_dir)
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))[:5]
+            only_val = sorted(set(val_classes) - set(classes))[:5]
+            raise UsageError(
+                f"val/ and train/ of {root!r} have different class folders "
+                f"(only in train/: {only_train}, only in val/: {only_val}): both need the same classes"
+            )
+    return classes
+
+
+def list_samples(split_dir: str, classes: Sequence[str]) -> List[Tuple[str, int]]:
+    """Every image file under ``split_dir/CLASS``, in a fixed order, with its class index."""
+    samples: List[Tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        folder = os.path.join(split_dir, name)
+        files = sorted(
+            os.path.join(dirpath, filename)
+            for dirpath, _, filenames in os.walk(folder, followlinks=True)
+            for filename in filenames
+            if filename.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise UsageError(
+                f"class folder {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder"
+            )
+        samples.extend((path, index) for path in files)
+    return samples
+
+
+# --- decoding and transforms ---------------------------------------------------------------------
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """The image at ``path`` as a uint8 ``[3, H, W]`` tensor; raises ``ValueError`` if it can't be read."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if not data:
+            raise ValueError("empty file")
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as error:
+        return _decode_with_pil(path, error)
+
+
+def _decode_with_pil(path: str, first_error: Exception) -> torch.Tensor:
+    # PIL reads some files libjpeg refuses (CMYK, some truncated files); one that neither reads is unreadable.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{first_error}; {error}") from None
+    return v2.functional.pil_to_tensor(rgb)
+
+
+def train_transform(crop_size: int, auto_augment: Optional[str] = None) -> Callable:
+    steps: List[Callable] = [v2.RandomResizedCrop(crop_size, antialias=True), v2.RandomHorizontalFlip()]
+    if auto_augment == "imagenet":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+    elif auto_augment == "ta_wide":
+        steps.append(v2.TrivialAugmentWide())
+    elif auto_augment == "randaugment":
+        steps.append(v2.RandAugment())
+    return v2.Compose(steps)
+
+
+def val_transform(resize_size: int, crop_size: int) -> Callable:
+    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends only on (seed, epoch, index)."""
+    return ((seed * 1_000_003 + epoch) * 2_654_435_761 + index) % (1 << 63)
+
+
+class SeededImageFolder(Dataset):
+    """Images of one split; item ``(index, seed)`` is decoded and transformed under ``seed``.
+
+    An unreadable image yields ``(None, path, reason)`` so the batch can go on without it.
+    """
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform: Callable):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: Tuple[int, int]):
+        index, seed = item
+        path, target = self.samples[index]
+        try:
+            image = decode_rgb(path)
+        except ValueError as error:
+            return None, path, str(error)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image = self.transform(image)
+        return image, target, None
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, 3, H, W] until prepared
+    targets: torch.Tensor
+    unreadable: List[Tuple[str, str]]  # (path, reason) of images left out of this batch
+
+    def __len__(self) -> int:
+        return int(self.targets.numel())
+
+
+def collate(items) -> Batch:
+    good = [(image, target) for image, target, _ in items if image is not None]
+    unreadable = [(path, reason) for image, path, reason in items if image is None]
+    if good:
+        images = torch.stack([image for image, _ in good])
+        targets = torch.tensor([target for _, target in good], dtype=torch.int64)
+    else:
+        images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
+        targets = torch.empty((0,), dtype=torch.int64)
+    return Batch(images, targets, unreadable)
+
+
+# --- order ---------------------------------------------------------------------------------------
+
+
+class SeededSampler(Sampler):
+    """This rank's share of the dataset as ``(index, sample_seed)`` pairs.
+
+    Training (``shuffle=True``): a permutation drawn from (seed, epoch), padded
+    to a multiple of the world size like ``DistributedSampler``. Evaluation
+    (``shuffle=False``): rank r takes indices r, r + world, ... with no padding,
+    so every image is counted exactly once whatever the number of processes.
+    ``skip`` leaves out the first samples of this rank's share (a resumed epoch).
+    """
+
+    def __init__(self, size: int, ctx: DistContext, seed: int, shuffle: bool):
+        self.size = size
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> List[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.size, self.world))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        total = math.ceil(self.size / self.world) * self.world
+        order += order[: total - self.size]
+        return order[self.rank:total:self.world]
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for index in self._indices()[self.skip:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return max(len(self._indices()) - self.skip, 0)
+
+
+def build_loader(
+    dataset: SeededImageFolder, sampler: SeededSampler, batch_size: int, workers: int, ctx: DistContext, drop_last: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=ctx.is_cuda,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        # Our own generator keeps the loader from drawing on the global RNG the model's dropout uses.
+        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
+    )
+
+
+def default_workers(ctx: DistContext) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(ctx.local_world_size, 1)))
+
+
+# --- on the device -------------------------------------------------------------------------------
+
+
+class BatchPreparer:
+    """uint8 batch -> normalised float on the training device, in the memory format the model uses."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # (x / 255 - mean) / std folded into one multiply and one subtract.
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = mean / std
+
+    def __call__(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        images = batch.images.to(self.device, non_blocking=True)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        images = images.to(dtype=torch.float32, memory_format=self.memory_format)
+        return images.mul_(self.scale).sub_(self.shift), targets
+
+
+class BatchMixer:
+    """MixUp / CutMix on the prepared batch, seeded per step so a resumed run mixes alike."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mix = v2.RandomChoice(choices) if len(choices) > 1 else (choices[0] if choices else None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mix is not None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, seed: int):
+        with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
+            torch.manual_seed(seed)
+            return self.mix(images, targets)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops at a step boundary.
+
+    Without this a Ctrl-C kills the workers first and the main process fails
+    fetching the next batch instead of saving a checkpoint.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
