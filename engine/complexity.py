@@ -1,0 +1,362 @@
+"""Parameters and FLOPs of the ECA models, counted the way the original README counted them.
+
+The README's figures come from ``thop.profile`` on a 1x3x224x224 input, shown
+with 1024-based units (params / 2^20, multiply-accumulates / 2^30). Today's
+thop counts a few layers differently from the 2019 release that produced them,
+and prints 7.33G for ECA-ResNet-101 (README 7.35G) and 312.9M for
+ECA-MobileNetV2 (README 319.9M). The rules below are those of that release,
+passed to thop as custom rules:
+
+* convolution: one multiply-accumulate per kernel tap and output element;
+* batch norm: 4 operations per element (subtract, divide, scale, shift);
+* ReLU / ReLU6: 1 per element;
+* max pooling: the window size per output element; average pooling: the window
+  size plus one division per output element;
+* linear: multiplies plus adds, ``2 * in_features - 1`` per output;
+* a module object applied several times in one forward pass (the ReLU each
+  residual block reuses) counts for its last application only, because that
+  release assigned a module's count instead of adding to it.
+
+They reproduce every figure of the README table but ECA-ResNet-152's: 10.84G
+and 57.40M here, 10.83G and 57.41M there (its exact parameter count,
+60,193,042, is 57.40 x 2^20, so the README's params figure is off as well).
+
+The ECA layers are counted explicitly, layer by layer, rather than through
+hooks on their ``avg_pool`` / ``conv`` submodules: the fused implementation
+does not call those submodules, and residual blocks call ``forward_add``,
+which no hook sees. Each layer over C channels of an H x W map costs
+``(H * W + 1) * C`` for the pooling (as thop counts adaptive average pooling)
+and ``k * C`` multiply-accumulates for the convolution across channels.
+The sigmoid and the ``x * gate`` rescale are not counted, as thop never did.
+"""
+import copy
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from models import ARCHITECTURES
+from models.eca_module import eca_layer
+from models.kernel_sizes import KernelSpec
+
+from .errors import UsageError
+
+__all__ = [
+    "EcaLayerCost",
+    "Complexity",
+    "ReadmeRow",
+    "README_TABLE",
+    "build_model",
+    "count_complexity",
+    "count_macs",
+    "format_binary",
+    "format_decimal",
+    "format_report",
+    "format_table",
+]
+
+BINARY_GIGA = 2**30
+BINARY_UNITS = "1024-based: M = 2^20, G = 2^30"
+DECIMAL_UNITS = "1000-based: M = 10^6, G = 10^9"
+
+
+@dataclass(frozen=True)
+class ReadmeRow:
+    """One row of the original README's table of released models."""
+
+    arch: str
+    k_size: Optional[str]
+    params: str
+    flops: str
+
+
+README_TABLE: Tuple[ReadmeRow, ...] = (
+    ReadmeRow("eca_resnet18", "3577", "11.15M", "1.70G"),
+    ReadmeRow("eca_resnet34", "3357", "20.79M", "3.43G"),
+    ReadmeRow("eca_resnet50", "3557", "24.37M", "3.86G"),
+    ReadmeRow("eca_resnet101", "3357", "42.49M", "7.35G"),
+    ReadmeRow("eca_resnet152", "3357", "57.41M", "10.83G"),
+    ReadmeRow("eca_mobilenet_v2", None, "3.34M", "319.9M"),
+)
+
+
+@dataclass(frozen=True)
+class EcaLayerCost:
+    """What one ECA layer costs on the map it attends over."""
+
+    channels: int
+    k_size: int
+    height: int
+    width: int
+
+    @property
+    def params(self) -> int:
+        return self.k_size
+
+    @property
+    def conv_macs(self) -> int:
+        return self.k_size * self.channels
+
+    @property
+    def pool_ops(self) -> int:
+        return (self.height * self.width + 1) * self.channels
+
+
+@dataclass(frozen=True)
+class Complexity:
+    arch: str
+    kernel_sizes: Tuple[int, ...]
+    input_size: int
+    num_classes: int
+    params: int
+    macs: int
+    eca_layers: Tuple[EcaLayerCost, ...]
+
+    @property
+    def eca_params(self) -> int:
+        return sum(layer.params for layer in self.eca_layers)
+
+    @property
+    def eca_conv_macs(self) -> int:
+        return sum(layer.conv_macs for layer in self.eca_layers)
+
+    @property
+    def eca_pool_ops(self) -> int:
+        return sum(layer.pool_ops for layer in self.eca_layers)
+
+
+# ---------------------------------------------------------------- counting rules
+# Each rule sets (never adds to) the module's count: see the module docstring.
+
+
+def _set_ops(module: nn.Module, ops: int) -> None:
+    module.total_ops.fill_(float(ops))
+
+
+def _count_conv(module: nn.modules.conv._ConvNd, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    taps = module.weight[0, 0].numel()
+    per_output = module.in_channels // module.groups * taps + (1 if module.bias is not None else 0)
+    _set_ops(module, output.numel() * per_output)
+
+
+def _count_batch_norm(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    _set_ops(module, 4 * inputs[0].numel())
+
+
+def _count_activation(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    _set_ops(module, inputs[0].numel())
+
+
+def _window(kernel_size) -> int:
+    sizes = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, kernel_size)
+    return sizes[0] * sizes[1]
+
+
+def _count_max_pool(module: nn.MaxPool2d, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    _set_ops(module, _window(module.kernel_size) * output.numel())
+
+
+def _count_avg_pool(module: nn.AvgPool2d, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    _set_ops(module, (_window(module.kernel_size) + 1) * output.numel())
+
+
+def _count_adaptive_avg_pool(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    window = inputs[0].shape[2:].numel() // output.shape[2:].numel()
+    _set_ops(module, (window + 1) * output.numel())
+
+
+def _count_linear(module: nn.Linear, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    _set_ops(module, (2 * module.in_features - 1) * output.numel())
+
+
+def _counted_separately(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    """ECA layers: registering a rule stops thop from descending into their submodules."""
+
+
+CountRule = Callable[[nn.Module, Tuple[torch.Tensor, ...], torch.Tensor], None]
+
+README_RULES: Mapping[type, CountRule] = MappingProxyType({
+    nn.Conv1d: _count_conv,
+    nn.Conv2d: _count_conv,
+    nn.BatchNorm2d: _count_batch_norm,
+    nn.ReLU: _count_activation,
+    nn.ReLU6: _count_activation,
+    nn.MaxPool2d: _count_max_pool,
+    nn.AvgPool2d: _count_avg_pool,
+    nn.AdaptiveAvgPool2d: _count_adaptive_avg_pool,
+    nn.Linear: _count_linear,
+    eca_layer: _counted_separately,
+})
+
+
+# ---------------------------------------------------------------- ECA layers
+
+
+def _eca_hosts(model: nn.Module) -> List[Tuple[eca_layer, nn.Module]]:
+    """Each ECA layer with the block it closes: the nearest ancestor that is not a plain container.
+
+    The ECA layer is the last operation of its block (the shortcut add and a
+    ReLU keep the shape), so the block's output has the shape of the ECA input.
+    """
+    modules = dict(model.named_modules())
+    pairs = []
+    for name, module in modules.items():
+        if not isinstance(module, eca_layer):
+            continue
+        host_name = name.rpartition(".")[0]
+        while host_name and isinstance(modules[host_name], (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            host_name = host_name.rpartition(".")[0]
+        pairs.append((module, modules[host_name]))
+    return pairs
+
+
+def _record_eca_costs(model: nn.Module, costs: List[EcaLayerCost]) -> List[torch.utils.hooks.RemovableHandle]:
+    def recorder(layer: eca_layer) -> Callable:
+        def record(host: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            _, channels, height, width = output.shape
+            if channels != layer.channels:
+                raise RuntimeError(f"an ECA layer over {layer.channels} channels closes a block with {channels}")
+            costs.append(EcaLayerCost(channels, layer.k_size, height, width))
+
+        return record
+
+    return [host.register_forward_hook(recorder(layer)) for layer, host in _eca_hosts(model)]
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def build_model(arch: str, k_size: KernelSpec = None, num_classes: int = 1000) -> nn.Module:
+    """A fresh model; bad kernel sizes or an unknown name become a :class:`UsageError`."""
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if num_classes < 1:
+        raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
+    try:
+        return ARCHITECTURES[arch](k_size=k_size, num_classes=num_classes)
+    except ValueError as error:
+        raise UsageError(f"--ksize: {error}") from None
+
+
+def _count_in_place(model: nn.Module, input_size: int) -> Tuple[int, Tuple[EcaLayerCost, ...]]:
+    # Imported here so that importing this module (for its tables and formatting) does not need thop.
+    import thop
+
+    eca_costs: List[EcaLayerCost] = []
+    handles = _record_eca_costs(model, eca_costs)
+    try:
+        macs, _ = thop.profile(
+            model, inputs=(torch.zeros(1, 3, input_size, input_size),), custom_ops=README_RULES, verbose=False
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    eca_ops = sum(cost.conv_macs + cost.pool_ops for cost in eca_costs)
+    return int(macs) + eca_ops, tuple(eca_costs)
+
+
+def count_macs(model: nn.Module, input_size: int = 224) -> Tuple[int, Tuple[EcaLayerCost, ...]]:
+    """README-convention FLOPs of ``model`` on one square image, and what each ECA layer costs.
+
+    Counts on a copy: thop leaves ``total_ops`` / ``total_params`` buffers on
+    the modules it has no rule for, which would then turn up in a state_dict.
+    """
+    return _count_in_place(copy.deepcopy(model), input_size)
+
+
+def count_complexity(
+    arch: str, k_size: KernelSpec = None, input_size: int = 224, num_classes: int = 1000
+) -> Complexity:
+    """Parameters and README-convention FLOPs of ``arch`` on one ``input_size`` square image.
+
+    The model is built for the count and thrown away, so thop's leftovers do not matter.
+    """
+    if input_size < 1:
+        raise UsageError(f"--input-size must be at least 1, got {input_size}")
+    model = build_model(arch, k_size, num_classes)
+    params = sum(p.numel() for p in model.parameters())
+    macs, eca_costs = _count_in_place(model, input_size)
+    return Complexity(
+        arch=arch,
+        kernel_sizes=tuple(model.kernel_sizes),
+        input_size=input_size,
+        num_classes=num_classes,
+        params=params,
+        macs=macs,
+        eca_layers=eca_costs,
+    )
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def format_binary(count: float, digits: int = 2) -> str:
+    """1024-based, as the original's ``clever_format``: ``24.37M`` for 25,557,112."""
+    for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.{digits}f}{unit}"
+    return f"{count:.0f}"
+
+
+def format_decimal(count: float, digits: int = 2) -> str:
+    """1000-based: ``25.56M`` for 25,557,112."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.{digits}f}{unit}"
+    return f"{count:.0f}"
+
+
+def _kernel_text(kernel_sizes: Sequence[int]) -> str:
+    return ",".join(map(str, kernel_sizes))
+
+
+def format_report(result: Complexity) -> str:
+    eca_ops = result.eca_conv_macs + result.eca_pool_ops
+    lines = [
+        f"{result.arch}: ECA kernel sizes {_kernel_text(result.kernel_sizes)}, "
+        f"input 1x3x{result.input_size}x{result.input_size}, {result.num_classes} classes",
+        f"parameters: {result.params:,}",
+        f"  {format_binary(result.params):>9}  binary  ({BINARY_UNITS}; the original README's units)",
+        f"  {format_decimal(result.params):>9}  decimal ({DECIMAL_UNITS})",
+        f"FLOPs: {result.macs:,} multiply-accumulates (thop, with the rules behind the README's figures)",
+        f"  {format_binary(result.macs):>9}  binary  ({BINARY_UNITS}; the original README's units)",
+        f"  {format_decimal(result.macs):>9}  decimal ({DECIMAL_UNITS})",
+        f"ECA layers alone ({len(result.eca_layers)} layers), included in the totals above:",
+        f"  parameters: {result.eca_params:,} (the sum of their kernel sizes)",
+        f"  FLOPs: {eca_ops:,} = {eca_ops / BINARY_GIGA:.2e}G binary = {eca_ops / 1e9:.2e}G decimal, of which",
+        f"    channel convolution: {result.eca_conv_macs:,} MACs (k x C per layer)",
+        f"    average pooling: {result.eca_pool_ops:,} ops ((H x W + 1) x C per layer)",
+        "    not counted: the sigmoid and the x * gate rescale (thop never counted them)",
+    ]
+    return "\n".join(lines)
+
+
+def _agrees(ours: str, readme: str) -> bool:
+    """Whether our figure, rounded to the README's precision and unit, is the README's."""
+    digits = len(readme[:-1].partition(".")[2])
+    return ours[-1] == readme[-1] and f"{float(ours[:-1]):.{digits}f}" == readme[:-1]
+
+
+def format_table(rows: Sequence[Tuple[ReadmeRow, Complexity]]) -> str:
+    header = (
+        f"{'model':<17} {'ksize':<6} {'parameters':>11} {'binary':>8} {'README':>8} {'decimal':>8}   "
+        f"{'MACs':>14} {'binary':>8} {'README':>8} {'decimal':>8}  agree"
+    )
+    lines = [
+        f"binary: {BINARY_UNITS} (the original README's units); decimal: {DECIMAL_UNITS}",
+        header,
+        "-" * len(header),
+    ]
+    for readme, result in rows:
+        binary_params = format_binary(result.params)
+        # The README gives MobileNetV2's FLOPs to one decimal, the ResNets' to two.
+        binary_macs = format_binary(result.macs, digits=1 if readme.flops.endswith("M") else 2)
+        agree = _agrees(binary_params, readme.params) and _agrees(binary_macs, readme.flops)
+        lines.append(
+            f"{result.arch:<17} {readme.k_size or 'k13':<6} {result.params:>11,} {binary_params:>8} "
+            f"{readme.params:>8} {format_decimal(result.params):>8}   {result.macs:>14,} {binary_macs:>8} "
+            f"{readme.flops:>8} {format_decimal(result.macs):>8}  {'yes' if agree else 'NO'}"
+        )
+    return "\n".join(lines)
