@@ -210,7 +210,7 @@ def resolve_kernel_sizes(arch: str, k_size: KernelSpec) -> Tuple[int, ...]:
         return models.ARCHITECTURES[arch](k_size=k_size, num_classes=1).kernel_sizes
 
 
-def _check_kernel_sizes(arch: str, k_size: KernelSpec, found: Tuple[int, ...], ckpt: Checkpoint) -> None:
+def check_kernel_sizes(arch: str, k_size: KernelSpec, found: Tuple[int, ...], ckpt: Checkpoint) -> None:
     try:
         wanted = resolve_kernel_sizes(arch, k_size)
     except ValueError as error:
@@ -264,7 +264,7 @@ def model_from_checkpoint(
     check_fits_architecture(arch, ckpt)
     kernel_sizes = kernel_sizes_from_state_dict(arch, ckpt.state_dict)
     if k_size is not None:
-        _check_kernel_sizes(arch, k_size, kernel_sizes, ckpt)
+        check_kernel_sizes(arch, k_size, kernel_sizes, ckpt)
     file_classes = num_classes_from_state_dict(arch, ckpt.state_dict)
     if num_classes is not None and num_classes != file_classes:
         raise UsageError(

@@ -32,7 +32,7 @@ from .preemption import StopRequest
 from .reporting import MetricsWriter, setup_logging, summary_line
 from .schedule import LRSchedule
 from .train import TrainParts, train_one_epoch
-from .transfer import freeze_backbone, initialize_from, parameter_groups
+from .transfer import freeze_backbone, initialize_from, parameter_groups, read_init_checkpoint
 
 logger = logging.getLogger("eca")
 
@@ -121,12 +121,15 @@ def build_model(args, ckpt: Optional[Checkpoint], num_classes: int) -> nn.Module
             if args.arch == "unknown":
                 raise UsageError(f"{args.resume!r} holds no known ECA architecture's weights")
         return model_from_checkpoint(args.arch, ckpt, k_size=args.ksize, num_classes=num_classes)
+    k_size, init = args.ksize, None
+    if args.init_from:
+        init, k_size = read_init_checkpoint(args.init_from, args.arch, args.ksize)
     try:
-        model = models.ARCHITECTURES[args.arch](k_size=args.ksize, num_classes=num_classes)
+        model = models.ARCHITECTURES[args.arch](k_size=k_size, num_classes=num_classes)
     except ValueError as error:
         raise UsageError(f"--ksize: {error}") from None
-    if args.init_from:
-        report = initialize_from(model, args.arch, args.init_from)
+    if init is not None:
+        report = initialize_from(model, args.arch, args.init_from, init)
         for line in report.lines():
             logger.info(line)
     return model

@@ -6,12 +6,18 @@ so starting ECA-ResNet from ImageNet ResNet weights leaves only the ECA
 kernels new. Unlike ``--resume`` it starts a new run: epoch 0, fresh optimizer.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .checkpoint import classifier_prefix, read_checkpoint
+from models.kernel_sizes import KernelSpec
+
+from .checkpoint import (
+    Checkpoint, check_kernel_sizes, classifier_prefix, identify_architecture, kernel_sizes_from_state_dict,
+    read_checkpoint,
+)
+from .errors import UsageError
 
 
 @dataclass
@@ -41,9 +47,32 @@ def _abbreviate(names: List[str], limit: int = 6) -> str:
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def initialize_from(model: nn.Module, arch: str, path: str) -> InitReport:
-    """Copy into ``model`` every tensor of ``path`` whose name and shape match, and report the rest."""
+def read_init_checkpoint(path: str, arch: str, k_size: KernelSpec) -> Tuple[Checkpoint, KernelSpec]:
+    """Read ``--init-from`` and return it with the kernel sizes the new model should have.
+
+    Any file is welcome (a plain torchvision ResNet has no ECA layer to disagree
+    with), but one holding another ECA architecture is a mistake that would
+    leave most of the model untrained, and ECA kernels other than an explicit
+    ``--ksize`` contradict what was asked: say so instead of silently loading
+    only the tensors that happen to fit. Without ``--ksize`` a file of the same
+    architecture brings its own kernel sizes.
+    """
     ckpt = read_checkpoint(path)
+    file_arch = identify_architecture(ckpt.state_dict)
+    if file_arch is None:
+        return ckpt, k_size
+    if file_arch != arch:
+        raise UsageError(f"--init-from {path!r} holds {file_arch} weights, not {arch}: run with -a {file_arch}")
+    found = kernel_sizes_from_state_dict(arch, ckpt.state_dict)
+    if k_size is None:
+        return ckpt, found
+    check_kernel_sizes(arch, k_size, found, ckpt)
+    return ckpt, k_size
+
+
+def initialize_from(model: nn.Module, arch: str, path: str, ckpt: Optional[Checkpoint] = None) -> InitReport:
+    """Copy into ``model`` every tensor of ``path`` whose name and shape match, and report the rest."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     target = model.state_dict()
     report = InitReport(path=path)
     matched: Dict[str, torch.Tensor] = {}
