@@ -66,7 +66,7 @@ def random_batch(batch_size: int, input_size: int, seed: int) -> torch.Tensor:
 
 
 def max_abs_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.float() - expected.float()).abs().max())
+    return float((actual.detach().float() - expected.detach().float()).abs().max())
 
 
 def verify(
