@@ -250,5 +250,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.json:
         print(json.dumps(records, indent=2))
 
+def exit_quietly_on_closed_pipe() -> None:
+    # The reader stopped early (``| head``): not a failure, and Python's flush at exit must not complain either.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    try:
+        run_cli(main)
+    except BrokenPipeError:
+        exit_quietly_on_closed_pipe()
