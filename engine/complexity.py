@@ -2,10 +2,10 @@
 
 The README's figures come from ``thop.profile`` on a 1x3x224x224 input, shown
 with 1024-based units (params / 2^20, multiply-accumulates / 2^30). Today's
-thop counts a few layers differently from the 2019 release that produced them,
-and prints 7.33G for ECA-ResNet-101 (README 7.35G) and 312.9M for
-ECA-MobileNetV2 (README 319.9M). The rules below are those of that release,
-passed to thop as custom rules:
+thop counts a few layers differently from its early (2019) releases, and
+prints 7.33G for ECA-ResNet-101 (README 7.35G) and 312.9M for ECA-MobileNetV2
+(README 319.9M). The rules below, those of the early releases as far as they
+can be reconstructed, are passed to today's thop as custom rules:
 
 * convolution: one multiply-accumulate per kernel tap and output element;
 * batch norm: 4 operations per element (subtract, divide, scale, shift);
@@ -14,8 +14,8 @@ passed to thop as custom rules:
   size plus one division per output element;
 * linear: multiplies plus adds, ``2 * in_features - 1`` per output;
 * a module object applied several times in one forward pass (the ReLU each
-  residual block reuses) counts for its last application only, because that
-  release assigned a module's count instead of adding to it.
+  residual block reuses) counts for its last application only, because those
+  releases assigned a module's count instead of adding to it.
 
 They reproduce every figure of the README table but ECA-ResNet-152's: 10.84G
 and 57.40M here, 10.83G and 57.41M there (its exact parameter count,
@@ -28,6 +28,8 @@ which no hook sees. Each layer over C channels of an H x W map costs
 ``(H * W + 1) * C`` for the pooling (as thop counts adaptive average pooling)
 and ``k * C`` multiply-accumulates for the convolution across channels.
 The sigmoid and the ``x * gate`` rescale are not counted, as thop never did.
+For ECA-ResNet-50 (k3557) that is 86,272 + 5,534,464 = 5.2e-3 G (binary); the
+paper's 4.7e-4 GFLOPs matches neither part, and its counting is not stated.
 """
 import copy
 import warnings
