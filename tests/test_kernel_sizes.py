@@ -36,7 +36,8 @@ def test_parse_recognises_adaptive_in_any_case(spec):
 
 @pytest.mark.parametrize("spec, expected", VALID_RESNET_SPECS, ids=[repr(s) for s, _ in VALID_RESNET_SPECS])
 def test_resnet_constructors_build_the_parsed_kernel_sizes(spec, expected):
-    model = models.eca_resnet18(k_size=spec)
+    with torch.device("meta"):
+        model = models.eca_resnet18(k_size=spec)
     assert model.kernel_sizes == expected
     built = [model.get_submodule(f"layer{i}")[0].eca.conv.kernel_size[0] for i in range(1, 5)]
     assert tuple(built) == expected
@@ -142,7 +143,10 @@ def test_adaptive_kernel_size_follows_eq_12(channels, k):
     ],
 )
 def test_adaptive_resnet_kernels_come_from_each_stages_channels(arch, expected):
-    assert models.ARCHITECTURES[arch](k_size="adaptive").kernel_sizes == expected
+    with torch.device("meta"):
+        model = models.ARCHITECTURES[arch](k_size="adaptive")
+    assert model.kernel_sizes == expected
+    assert model.layer4[-1].eca.conv.weight.shape == (1, 1, expected[3])
 
 
 def test_adaptive_mobilenet_kernels_come_from_each_blocks_channels():
