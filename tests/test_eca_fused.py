@@ -1,0 +1,220 @@
+"""The fused ECA layer against the plain formulation and the original release's models.
+
+float64 forward results must be bit-identical to the original (released
+checkpoints must give the original's numbers); gradients may differ by rounding
+only, and the hand-written backward must agree with numerical differentiation.
+"""
+import math
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import ARCHITECTURES
+from models.eca_module import ECAGateFunction, eca_layer, gate_logits, shifted_channel_conv
+from original_models import OriginalECALayer, original_model
+
+KERNEL_SIZES = (1, 3, 5, 7, 9)
+SPATIAL_SIZES = ((7, 7), (8, 6))  # odd and even
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+RESNET_KERNELS = (3, 5, 5, 7)
+
+
+def make_input(shape, memory_format, dtype=torch.float64, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype).contiguous(memory_format=memory_format)
+
+
+def paired_layers(channels: int, k: int, dtype=torch.float64):
+    """The project's layer and the original's with the same random kernel."""
+    fused = eca_layer(channels, k).to(dtype)
+    with torch.no_grad():
+        fused.conv.weight.normal_(0, 1)
+    plain = OriginalECALayer(channels, k).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def run_layer(layer, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
+    if isinstance(layer, eca_layer):
+        return layer(x) if shortcut is None else layer.forward_add(x, shortcut)
+    out = layer(x)
+    return out if shortcut is None else out + shortcut
+
+
+def forward_backward(layer, x, shortcut, grad_out):
+    x = x.detach().requires_grad_(True)
+    shortcut = None if shortcut is None else shortcut.detach().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out = run_layer(layer, x, shortcut)
+    out.backward(grad_out)
+    return out.detach(), x.grad, None if shortcut is None else shortcut.grad, layer.conv.weight.grad
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("spatial", SPATIAL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("k", KERNEL_SIZES)
+def test_fused_layer_matches_plain_formulation(k, format_name, spatial, residual):
+    memory_format = MEMORY_FORMATS[format_name]
+    shape = (3, 24, *spatial)
+    x = make_input(shape, memory_format, seed=1)
+    shortcut = make_input(shape, memory_format, seed=2) if residual else None
+    grad_out = make_input(shape, memory_format, seed=3)
+    fused, plain = paired_layers(24, k)
+
+    out, grad_x, grad_shortcut, grad_weight = forward_backward(fused, x, shortcut, grad_out)
+    ref_out, ref_grad_x, ref_grad_shortcut, ref_grad_weight = forward_backward(plain, x, shortcut, grad_out)
+
+    assert torch.equal(out, ref_out)
+    assert out.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_weight, ref_grad_weight, rtol=1e-12, atol=1e-12)
+    if residual:
+        torch.testing.assert_close(grad_shortcut, ref_grad_shortcut, rtol=0, atol=0)
+    with torch.no_grad():  # the inference path uses plain ops, not the autograd.Function
+        assert torch.equal(run_layer(fused, x, shortcut), ref_out)
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("k", (1, 3, 7))
+def test_fused_layer_float32_close_to_plain(k, format_name):
+    memory_format = MEMORY_FORMATS[format_name]
+    shape = (2, 64, 9, 10)
+    x = make_input(shape, memory_format, dtype=torch.float32, seed=4)
+    shortcut = make_input(shape, memory_format, dtype=torch.float32, seed=5)
+    grad_out = make_input(shape, memory_format, dtype=torch.float32, seed=6)
+    fused, plain = paired_layers(64, k, dtype=torch.float32)
+    results = forward_backward(fused, x, shortcut, grad_out)
+    references = forward_backward(plain, x, shortcut, grad_out)
+    for result, reference in zip(results, references):
+        torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", KERNEL_SIZES)
+def test_shifted_channel_conv_equals_conv1d(k, dtype):
+    means = torch.randn(4, 37, dtype=dtype)
+    weight = torch.randn(1, 1, k, dtype=dtype)
+    expected = F.conv1d(means.unsqueeze(1), weight, padding=(k - 1) // 2).squeeze(1)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(shifted_channel_conv(means, weight), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+def test_gate_logits_match_pool_and_conv1d(format_name, dtype):
+    x = make_input((3, 40, 7, 6), MEMORY_FORMATS[format_name], dtype=dtype, seed=11)
+    weight = torch.randn(1, 1, 5, dtype=dtype)
+    pooled = F.adaptive_avg_pool2d(x, 1)
+    expected = F.conv1d(pooled.squeeze(-1).transpose(-1, -2), weight, padding=2).transpose(-1, -2).flatten(1)
+    means, logits = gate_logits(x, weight)
+    assert torch.equal(means, pooled.flatten(1))
+    if dtype == torch.float64:
+        assert torch.equal(logits, expected)
+    else:
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("k", (1, 3, 5))
+def test_custom_backward_gradcheck(k, format_name, residual):
+    memory_format = MEMORY_FORMATS[format_name]
+    shape = (2, 7, 5, 4)
+    x = make_input(shape, memory_format, seed=7).requires_grad_(True)
+    shortcut = make_input(shape, memory_format, seed=8).requires_grad_(True) if residual else None
+    weight = torch.randn(1, 1, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ECAGateFunction.apply, (x, shortcut, weight))
+
+
+def test_layer_state_dict_and_api_unchanged():
+    layer = eca_layer(256, 5)
+    assert list(layer.state_dict()) == ["conv.weight"]
+    assert [name for name, _ in layer.named_parameters()] == ["conv.weight"]
+    assert layer.conv.weight.shape == (1, 1, 5)
+    assert isinstance(layer.avg_pool, nn.AdaptiveAvgPool2d) and isinstance(layer.sigmoid, nn.Sigmoid)
+    assert (layer.channels, layer.k_size) == (256, 5)
+    x = torch.randn(2, 256, 4, 4)
+    assert layer.gate(x).shape == (2, 256, 1, 1)
+
+
+def randomise_floating_state(model: nn.Module, seed: int = 0) -> None:
+    """Every floating tensor of the state_dict random, at scales that keep activations finite."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                values = torch.rand(tensor.shape, generator=generator) + 0.5
+            elif tensor.dim() == 1:  # BN affine and running mean, biases
+                values = torch.rand(tensor.shape, generator=generator) * 0.5 + (0.5 if "weight" in name else -0.25)
+            else:
+                fan_in = max(1, tensor[0].numel())
+                values = torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in)
+            tensor.copy_(values)
+
+
+ARCH_CASES = [(arch, RESNET_KERNELS) for arch in ARCHITECTURES if arch.startswith("eca_resnet")]
+ARCH_CASES.append(("eca_mobilenet_v2", None))
+
+
+def paired_models(arch: str, kernels):
+    project = ARCHITECTURES[arch]() if kernels is None else ARCHITECTURES[arch](k_size=kernels)
+    original = original_model(arch) if kernels is None else original_model(arch, kernels)
+    randomise_floating_state(project)
+    original.load_state_dict(project.state_dict())
+    return project.double().eval(), original.double().eval()
+
+
+@pytest.mark.parametrize("arch,kernels", ARCH_CASES, ids=[arch for arch, _ in ARCH_CASES])
+def test_float64_logits_bit_identical_to_original(arch, kernels):
+    project, original = paired_models(arch, kernels)
+    x = make_input((2, 3, 64, 64), torch.contiguous_format, seed=9)
+    with torch.no_grad():
+        expected = original(x)
+        assert torch.isfinite(expected).all() and expected.abs().max() > 0
+        assert torch.equal(project(x), expected)
+    # With gradients on, the autograd.Function path runs; it must round the same way.
+    assert torch.equal(project(x), expected)
+
+
+@pytest.mark.parametrize("arch,kernels", [("eca_resnet18", RESNET_KERNELS), ("eca_resnet50", RESNET_KERNELS)])
+def test_training_forward_and_gradients_match_original(arch, kernels):
+    project, original = paired_models(arch, kernels)
+    project.train()
+    original.train()
+    x = make_input((2, 3, 64, 64), torch.channels_last, seed=10)
+    out = project(x)
+    expected = original(x)
+    assert torch.equal(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    original_params = dict(original.named_parameters())
+    for name, param in project.named_parameters():
+        reference = original_params[name].grad
+        # Every ECA kernel must receive a gradient: DDP with find_unused_parameters=False relies on it.
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad, reference, rtol=1e-9, atol=1e-12 * reference.abs().max().item())
+
+
+def test_torch_export_sees_plain_ops():
+    block = ARCHITECTURES["eca_resnet18"](num_classes=10).layer1[0].train()
+    x = torch.randn(2, 64, 8, 8)
+    exported = torch.export.export(block, (x,))
+    code = exported.graph_module.code
+    assert "addcmul" in code and "conv1d" not in code
+    torch.testing.assert_close(exported.module()(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    model = ARCHITECTURES["eca_resnet18"](num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model)(x)
+    torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-4)
