@@ -387,6 +387,7 @@ WRITERS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on protocol 5, expected here
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
 @pytest.mark.parametrize("writer", sorted(WRITERS))
 def test_malicious_pickle_is_refused_without_running(tmp_path, payload, writer):
