@@ -316,6 +316,29 @@ def atomic_save(obj: Any, path: str) -> None:
     _fsync_directory(folder)
 
 
+def remove_dead_writes(path: str) -> List[str]:
+    """Delete the temporary files that :func:`atomic_save` / :func:`atomic_copy` left for ``path`` when killed.
+
+    Only names of the exact form ``<basename>.<mkstemp's 8 characters>.tmp`` next to
+    ``path`` are touched; nothing ever reads them. Call this before a run starts writing.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.[a-z0-9_]{8}\.tmp")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if pattern.fullmatch(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def atomic_copy(source: str, destination: str) -> None:
     """Copy ``source`` to ``destination`` with the same all-or-nothing guarantee as :func:`atomic_save`."""
     folder = os.path.dirname(os.path.abspath(destination))

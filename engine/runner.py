@@ -19,7 +19,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import models
 
-from .checkpoint import Checkpoint, as_float, atomic_copy, atomic_save, identify_architecture, model_from_checkpoint, read_checkpoint
+from .checkpoint import (
+    Checkpoint, as_float, atomic_copy, atomic_save, identify_architecture, model_from_checkpoint, read_checkpoint,
+    remove_dead_writes,
+)
 from .config import default_output_dir, dump_yaml, parse_args, serialisable_args
 from .data import (
     BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, build_loader, check_data_root, default_workers,
@@ -328,6 +331,9 @@ def train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, c
     output_dir = args.output_dir or default_output_dir(args)
     if ctx.is_primary:
         os.makedirs(output_dir, exist_ok=True)
+        for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+            for dead in remove_dead_writes(os.path.join(output_dir, name)):
+                logger.info("=> removed %s, left by a run killed while saving", dead)
         with open(os.path.join(output_dir, "args.yaml"), "w") as handle:
             handle.write(dump_yaml(serialisable_args(args)))
     header(args, ctx, parts.model_without_ddp, batch, classes, len(train_loader.dataset), len(val_loader.dataset), output_dir)
