@@ -9,6 +9,7 @@ import argparse
 from typing import Optional, Sequence
 
 from engine.complexity import README_TABLE, count_complexity, format_report, format_table
+from engine.config import ArgumentParser
 from engine.errors import UsageError, run_cli
 from models import ARCHITECTURES
 
@@ -23,8 +24,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         description="Count parameters and FLOPs (thop multiply-accumulates) of an ECA model, "
         "in binary units (2^20, 2^30, as the original README) and decimal ones."
     )

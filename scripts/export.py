@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from engine.checkpoint import load_model  # noqa: E402
+from engine.config import ArgumentParser
 from engine.errors import UsageError, run_cli  # noqa: E402
 
 EXPORT_TOLERANCE = 1e-4
@@ -41,7 +42,7 @@ OUTPUT_NAME = "logits"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export an ECA-Net checkpoint to torch.export (.pt2) or ONNX.")
+    parser = ArgumentParser(description="Export an ECA-Net checkpoint to torch.export (.pt2) or ONNX.")
     parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint to export")
     parser.add_argument("--format", required=True, choices=("export", "onnx"), help="export: torch.export .pt2; onnx: ONNX")
     parser.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt2 or .onnx)")

@@ -26,6 +26,7 @@ from torchvision.transforms import v2  # noqa: E402
 
 import models  # noqa: E402
 from engine.checkpoint import load_model  # noqa: E402
+from engine.config import ArgumentParser
 from engine.errors import UsageError, run_cli  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -44,7 +45,7 @@ class Prediction:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Top-k classes of images, from a trained ECA-Net checkpoint.")
+    parser = ArgumentParser(description="Top-k classes of images, from a trained ECA-Net checkpoint.")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched recursively")
     parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint to predict with")
     parser.add_argument("-a", "--arch", choices=sorted(models.ARCHITECTURES), help="check that the checkpoint holds this architecture")
