@@ -210,7 +210,7 @@ def test_torch_export_sees_plain_ops():
     torch.testing.assert_close(exported.module()(x), block(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a cold inductor compile takes about a minute on a 2-core CPU
 def test_compiled_model_matches_eager():
     model = ARCHITECTURES["eca_resnet18"](num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -218,3 +218,27 @@ def test_compiled_model_matches_eager():
         expected = model(x)
         compiled = torch.compile(model)(x)
     torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_of_a_block():
+    pytest.importorskip("onnxscript")
+    block = ARCHITECTURES["eca_resnet50"](num_classes=10).layer1[0].eval()
+    program = torch.onnx.export(block, (torch.randn(1, 64, 8, 8),), dynamo=True, verbose=False)
+    op_types = {node.op_type for node in program.model_proto.graph.node}
+    assert {"ReduceMean", "Sigmoid"} <= op_types
+
+
+def test_ddp_sees_every_eca_kernel_gradient(tmp_path):
+    distributed = torch.distributed
+    if not distributed.is_available() or distributed.is_initialized():
+        pytest.skip("needs a fresh single-process gloo group")
+    store = distributed.FileStore(str(tmp_path / "store"), 1)
+    distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = ARCHITECTURES["eca_resnet18"](num_classes=10)
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        ddp(torch.randn(2, 3, 32, 32)).sum().backward()
+        kernels = [module.conv.weight for module in model.modules() if isinstance(module, eca_layer)]
+        assert kernels and all(kernel.grad is not None for kernel in kernels)
+    finally:
+        distributed.destroy_process_group()
