@@ -144,6 +144,18 @@ def init_distributed(args, spawned_index: Optional[int] = None) -> DistContext:
     return DistContext(plan.rank, plan.world_size, plan.local_rank, plan.local_world_size, device)
 
 
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process died or stopped answering.
+
+    NCCL and the store raise ``DistError`` subclasses; gloo raises a plain
+    RuntimeError that names its transport ("Connection reset by peer",
+    "Timed out waiting ... for recv").
+    """
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and "gloo" in str(error)
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

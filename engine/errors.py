@@ -3,7 +3,9 @@
 Code that finds a problem with what the user gave (a path, a flag, a file)
 raises :class:`UsageError` with a message that names the problem and the fix.
 Entry points run under :func:`run_cli`, which prints that message and exits
-with status 2. Anything else is a bug and keeps its traceback.
+with status 2. A job that cannot go on because another process died or hung
+raises :class:`JobFailed` (one line, status 1). Anything else is a bug and
+keeps its traceback.
 """
 import os
 import signal
@@ -26,6 +28,10 @@ class Interrupted(Exception):
         self.exit_code = 128 + int(getattr(signal, signal_name)) if signal_name else EXIT_INTERRUPTED
 
 
+class JobFailed(Exception):
+    """The job cannot go on for a reason outside this process (another rank died or hung); the message says so."""
+
+
 def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
@@ -43,6 +49,11 @@ def report_and_exit(action: Callable[[], object]) -> NoReturn:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
+    except JobFailed as error:
+        if os.environ.get("ECA_DEBUG"):
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except Interrupted as stop:
         print(f"{prog}: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -28,8 +29,10 @@ from .data import (
     BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, build_loader, check_data_root, default_workers,
     list_samples, train_transform, val_transform,
 )
-from .distributed import DistContext, any_rank, barrier, init_distributed, should_spawn, shutdown, visible_gpus
-from .errors import Interrupted, UsageError, report_and_exit
+from .distributed import (
+    DistContext, any_rank, barrier, init_distributed, is_lost_peer, should_spawn, shutdown, visible_gpus,
+)
+from .errors import Interrupted, JobFailed, UsageError, report_and_exit
 from .evaluate import EvalResult, evaluate
 from .preemption import StopRequest
 from .reporting import MetricsWriter, setup_logging, summary_line
@@ -75,6 +78,16 @@ def run_process(args, spawned_index: Optional[int] = None) -> None:
     setup_logging(ctx.is_primary)
     try:
         run(args, ctx)
+    except RuntimeError as error:
+        # A rank that died or hung is a fault of the job, not a bug here: one line per rank, not a traceback each.
+        if not (ctx.distributed and is_lost_peer(error)):
+            raise
+        checkpoint = os.path.join(args.output_dir or default_output_dir(args), "checkpoint.pth.tar")
+        reason = re.sub(r"\[[^\]]*\.(?:cc|cpp):\d+\] ", "", " ".join(str(error).split()))[:300]  # no source paths
+        raise JobFailed(
+            f"rank {ctx.rank}: another process of the job died or stopped answering ({reason}); "
+            f"restart the job with --resume {checkpoint} (ECA_DEBUG=1 shows the traceback)"
+        ) from error
     finally:
         shutdown(ctx)
 
