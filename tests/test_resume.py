@@ -16,7 +16,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from conftest import ROOT
 from engine.checkpoint import read_checkpoint
@@ -121,13 +120,13 @@ def runs():
             run.kill_all()
 
 
-def weights(path):
-    return read_checkpoint(str(path)).state_dict
-
-
 def max_difference(a, b):
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0 for k in a)
+
+
+def momentum(ckpt):
+    return {str(k): v["momentum_buffer"] for k, v in ckpt.contents["optimizer"]["state"].items()}
 
 
 def digest(path):
@@ -187,7 +186,6 @@ def test_stopped_run_saves_exits_nonzero_and_resumes_to_identical_weights(uninte
     reference = read_checkpoint(str(uninterrupted / "checkpoint.pth.tar"))
     final = read_checkpoint(str(out / "checkpoint.pth.tar"))
     assert max_difference(final.state_dict, reference.state_dict) <= TOLERANCE
-    momentum = lambda ckpt: {str(k): v["momentum_buffer"] for k, v in ckpt.contents["optimizer"]["state"].items()}
     assert max_difference(momentum(final), momentum(reference)) <= TOLERANCE
     assert final.contents["best_prec1"] == pytest.approx(reference.contents["best_prec1"], abs=1e-9)
 
