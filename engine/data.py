@@ -15,6 +15,7 @@ skipped and reported by path, unless ``--strict-data`` makes them fatal.
 """
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -111,23 +112,95 @@ def _decode_with_pil(path: str, first_error: Exception) -> torch.Tensor:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise ValueError(f"{first_error}; {error}") from None
+        raise ValueError(f"{_without_source_paths(first_error)}; {error}") from None
     return v2.functional.pil_to_tensor(rgb)
 
 
-def train_transform(crop_size: int, auto_augment: Optional[str] = None) -> Callable:
-    steps: List[Callable] = [v2.RandomResizedCrop(crop_size, antialias=True), v2.RandomHorizontalFlip()]
-    if auto_augment == "imagenet":
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
-    elif auto_augment == "ta_wide":
-        steps.append(v2.TrivialAugmentWide())
-    elif auto_augment == "randaugment":
-        steps.append(v2.RandAugment())
-    return v2.Compose(steps)
+class TrainTransform:
+    """RandomResizedCrop + horizontal flip (+ optional auto-augment) on a uint8 image, drawn from ``generator``.
+
+    The crop is sampled as torchvision's ``RandomResizedCrop`` samples it
+    (area 8-100%, aspect ratio 3/4-4/3, ten tries, then a centre crop), but
+    from the sample's own generator: no global RNG state to fork per image,
+    which costs as much as the crop itself.
+    """
+
+    SCALE = (0.08, 1.0)
+    LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+
+    def __init__(self, crop_size: int, auto_augment: Optional[str] = None):
+        self.crop_size = crop_size
+        self.auto_augment = _auto_augment(auto_augment)
+
+    def crop_box(self, height: int, width: int, generator: torch.Generator) -> Tuple[int, int, int, int]:
+        area = height * width
+        for _ in range(10):
+            draws = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+            target_area = area * (self.SCALE[0] + draws[0] * (self.SCALE[1] - self.SCALE[0]))
+            aspect = math.exp(self.LOG_RATIO[0] + draws[1] * (self.LOG_RATIO[1] - self.LOG_RATIO[0]))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                return top, left, h, w
+        ratio = width / height
+        if ratio < 3 / 4:
+            w, h = width, int(round(width / (3 / 4)))
+        elif ratio > 4 / 3:
+            h, w = height, int(round(height * (4 / 3)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        top, left, h, w = self.crop_box(image.shape[-2], image.shape[-1], generator)
+        image = v2.functional.resized_crop(image, top, left, h, w, [self.crop_size, self.crop_size], antialias=True)
+        if torch.rand(1, generator=generator).item() < 0.5:
+            image = v2.functional.horizontal_flip(image)
+        if self.auto_augment is not None:
+            # torchvision's policies draw from the global RNG: give them this sample's seed for the call.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 1 << 62, (1,), generator=generator)))
+                image = self.auto_augment(image)
+        return image
 
 
-def val_transform(resize_size: int, crop_size: int) -> Callable:
-    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)])
+def _auto_augment(name: Optional[str]) -> Optional[Callable]:
+    if name is None:
+        return None
+    if name == "imagenet":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
+    if name == "ta_wide":
+        return v2.TrivialAugmentWide()
+    if name == "randaugment":
+        return v2.RandAugment()
+    raise ValueError(f"unknown auto-augment policy {name!r}")
+
+
+class ValTransform:
+    """Resize the shorter side, then centre-crop; deterministic, so the generator is unused."""
+
+    def __init__(self, resize_size: int, crop_size: int):
+        self.resize_size = resize_size
+        self.crop_size = crop_size
+
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        image = v2.functional.resize(image, [self.resize_size], antialias=True)
+        return v2.functional.center_crop(image, [self.crop_size, self.crop_size])
+
+
+def _without_source_paths(error: Exception) -> str:
+    # torchvision's decoders prefix their messages with "decode_jpeg, /long/build/path/decode_jpeg.cpp:171, ".
+    return re.sub(r"^\w+, \S+\.(?:cpp|cc|h):\d+, ", "", str(error))
+
+
+def train_transform(crop_size: int, auto_augment: Optional[str] = None) -> TrainTransform:
+    return TrainTransform(crop_size, auto_augment)
+
+
+def val_transform(resize_size: int, crop_size: int) -> ValTransform:
+    return ValTransform(resize_size, crop_size)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -136,7 +209,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededImageFolder(Dataset):
-    """Images of one split; item ``(index, seed)`` is decoded and transformed under ``seed``.
+    """Images of one split; item ``(index, seed)`` is decoded and transformed with a generator seeded by ``seed``.
 
     An unreadable image yields ``(None, path, reason)`` so the batch can go on without it.
     """
@@ -155,10 +228,7 @@ class SeededImageFolder(Dataset):
             image = decode_rgb(path)
         except ValueError as error:
             return None, path, str(error)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            image = self.transform(image)
-        return image, target, None
+        return self.transform(image, torch.Generator().manual_seed(seed)), target, None
 
 
 @dataclass
