@@ -1,0 +1,261 @@
+"""Throughput benchmarks, one subcommand per part of the system.
+
+``model``: images/s of the project's ECA model, of the original release's
+formulation (``original_models.py``) and of the matching torchvision model,
+for training steps and inference, NCHW and channels_last. The three models are
+measured round-robin in one process (one step of each per repetition, starting
+from a different model each time), so that drifts in machine load hit them
+alike; the figures are medians over the repetitions.
+
+    python scripts/benchmark.py model -a eca_resnet50 --batch-size 16 --image-size 128
+
+On a CUDA machine the same command times the GPU (``--amp`` and ``--compile``
+apply there and on the CPU alike).
+
+To add a subcommand: write ``add_<name>_arguments(parser)`` and ``run_<name>(args)``
+and register them in :data:`SUBCOMMANDS`.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "scripts")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models import ARCHITECTURES  # noqa: E402
+from models.eca_mobilenetv2 import ECA_MobileNetV2  # noqa: E402
+from models.eca_resnet import ResNet  # noqa: E402
+from original_models import original_model  # noqa: E402
+
+TORCHVISION_COUNTERPART = {
+    "eca_resnet18": "resnet18",
+    "eca_resnet34": "resnet34",
+    "eca_resnet50": "resnet50",
+    "eca_resnet101": "resnet101",
+    "eca_resnet152": "resnet152",
+    "eca_mobilenet_v2": "mobilenet_v2",
+}
+MODEL_ROLES = ("project", "original", "torchvision")
+MEMORY_FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every model in one round-robin measurement is run with."""
+
+    device: torch.device
+    batch_size: int
+    image_size: int
+    num_classes: int
+    amp_dtype: Optional[torch.dtype]
+    compile: bool
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(setting: Setting) -> ContextManager:
+    if setting.amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=setting.device.type, dtype=setting.amp_dtype)
+
+
+def build_models(arch: str, k_size: Optional[str], num_classes: int) -> Dict[str, nn.Module]:
+    """The project's model, the original formulation with the same weights, and torchvision's counterpart."""
+    project = ARCHITECTURES[arch](k_size=k_size, num_classes=num_classes)
+    if isinstance(project, ResNet):
+        original = original_model(arch, project.kernel_sizes, num_classes)
+    elif isinstance(project, ECA_MobileNetV2):
+        original = original_model(arch, num_classes=num_classes)
+    else:
+        raise ValueError(f"no original formulation for {arch}")
+    # strict loading proves the two compute with the same module tree (MobileNetV2's
+    # original only knows the released kernel rule, so other --ksize values fail here).
+    original.load_state_dict(project.state_dict())
+    reference = getattr(torchvision.models, TORCHVISION_COUNTERPART[arch])(num_classes=num_classes)
+    return {"project": project, "original": original, "torchvision": reference}
+
+
+def prepare(model: nn.Module, memory_format: torch.memory_format, setting: Setting, train: bool) -> nn.Module:
+    model = model.to(setting.device, memory_format=memory_format).train(train)
+    return torch.compile(model) if setting.compile else model
+
+
+def make_batch(setting: Setting, memory_format: torch.memory_format) -> Tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(setting.batch_size, 3, setting.image_size, setting.image_size, device=setting.device)
+    targets = torch.randint(0, setting.num_classes, (setting.batch_size,), device=setting.device)
+    return images.contiguous(memory_format=memory_format), targets
+
+
+def train_step_fn(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, setting: Setting) -> Callable[[], None]:
+    """One SGD step as the training recipe takes it (momentum, weight decay), loss scaling for fp16."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(setting.device.type, enabled=setting.amp_dtype is torch.float16)
+    criterion = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(setting):
+            loss = criterion(model(images), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def inference_step_fn(model: nn.Module, images: torch.Tensor, setting: Setting) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode(), autocast(setting):
+            model(images)
+
+    return step
+
+
+def time_once(step: Callable[[], None], iterations: int, device: torch.device) -> float:
+    """Seconds for ``iterations`` calls of ``step``, queued GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_round_robin(
+    steps: Dict[str, Callable[[], None]], repeats: int, warmup: int, iterations: int, setting: Setting
+) -> Dict[str, float]:
+    """Median images/s of every step, measured interleaved; the starting step rotates each repetition."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            time_once(steps[name], iterations, setting.device)
+    rates: Dict[str, List[float]] = {name: [] for name in names}
+    for repetition in range(repeats):
+        shift = repetition % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = time_once(steps[name], iterations, setting.device)
+            rates[name].append(iterations * setting.batch_size / seconds)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def measure_setting(
+    arch: str, k_size: Optional[str], mode: str, format_name: str, setting: Setting, args: argparse.Namespace
+) -> Dict[str, float]:
+    """Images/s of the three models for one mode (train/inference) and memory format."""
+    memory_format = MEMORY_FORMATS[format_name]
+    train = mode == "train"
+    torch.manual_seed(args.seed)
+    models = {
+        role: prepare(model, memory_format, setting, train)
+        for role, model in build_models(arch, k_size, setting.num_classes).items()
+    }
+    images, targets = make_batch(setting, memory_format)
+    steps = {
+        role: train_step_fn(model, images, targets, setting) if train else inference_step_fn(model, images, setting)
+        for role, model in models.items()
+    }
+    return measure_round_robin(steps, args.repeats, args.warmup, args.iterations, setting)
+
+
+def format_result(arch: str, mode: str, format_name: str, rates: Dict[str, float]) -> str:
+    reference = rates["torchvision"]
+    return (
+        f"{arch:<16} {mode:<9} {format_name:<13} "
+        + "  ".join(f"{role} {rates[role]:8.2f}" for role in MODEL_ROLES)
+        + f"  img/s   project/tv {rates['project'] / reference:.3f}  original/tv {rates['original'] / reference:.3f}"
+    )
+
+
+def describe_machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, OMP_NUM_THREADS {threads}), torch {torch.__version__}"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-a", "--arch", default="eca_resnet50", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--ksize", default=None, help="ECA kernel sizes (e.g. 3557); the architecture's default if omitted")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per model (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions per model first")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="steps per timed repetition (default: 1 on CPU, 20 on CUDA)"
+    )
+    parser.add_argument("--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"])
+    parser.add_argument("--formats", nargs="+", default=list(MEMORY_FORMATS), choices=list(MEMORY_FORMATS))
+    parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """Images/s of the project's model vs the original formulation vs torchvision, train and inference."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        # Let cuDNN pick its fastest kernels for every model alike, as a training run would.
+        torch.backends.cudnn.benchmark = True
+    if args.iterations is None:
+        args.iterations = 20 if device.type == "cuda" else 1
+    setting = Setting(
+        device=device,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        amp_dtype=AMP_DTYPES[args.amp],
+        compile=args.compile,
+    )
+    print(f"machine: {describe_machine(device)}")
+    print(
+        f"batch {args.batch_size}, {args.image_size} px, {args.repeats} interleaved repetitions of "
+        f"{args.iterations} step(s) after {args.warmup} warm-up, medians; amp {args.amp}, compile {args.compile}"
+    )
+    for mode in args.modes:
+        for format_name in args.formats:
+            rates = measure_setting(args.arch, args.ksize, mode, format_name, setting, args)
+            print(format_result(args.arch, mode, format_name, rates), flush=True)
+    return 0
+
+
+# Subcommand name -> (argument declaration, runner).
+SUBCOMMANDS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "model": (add_model_arguments, run_model),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, runner) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=(runner.__doc__ or "").strip() or None)
+        add_arguments(subparser)
+        subparser.set_defaults(runner=runner)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.runner(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
