@@ -178,8 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     check_args(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     model, _ = load_model(args.resume, arch=args.arch, map_location="cpu")
+    # Only once the checkpoint is known to be good: bad input leaves nothing behind.
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     model.eval()
     if args.format == "export":
         export_program(model, args.input_size, args.output)
