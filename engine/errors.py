@@ -57,6 +57,11 @@ def report_and_exit(action: Callable[[], object]) -> NoReturn:
     except Interrupted as stop:
         print(f"{prog}: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
+    except BrokenPipeError:
+        # The reader went away (``| head``): not an error of ours. Point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     sys.exit(0)
 
 
