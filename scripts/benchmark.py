@@ -9,6 +9,11 @@ alike; the figures are medians over the repetitions.
 
     python scripts/benchmark.py model -a eca_resnet50 --batch-size 16 --image-size 128
 
+``loader``: images/s of the project's input pipeline and of the original's
+(``loader_benchmark.py``), batches ready for the model on the device.
+
+    python scripts/benchmark.py loader data/bench -j 2 -b 32 --batches 12
+
 On a CUDA machine the same command times the GPU (``--amp`` and ``--compile``
 apply there and on the CPU alike).
 
@@ -36,6 +41,7 @@ from torch import nn  # noqa: E402
 from models import ARCHITECTURES  # noqa: E402
 from models.eca_mobilenetv2 import ECA_MobileNetV2  # noqa: E402
 from models.eca_resnet import ResNet  # noqa: E402
+from loader_benchmark import add_loader_arguments, run_loader  # noqa: E402
 from original_models import original_model  # noqa: E402
 
 TORCHVISION_COUNTERPART = {
@@ -239,6 +245,7 @@ def run_model(args: argparse.Namespace) -> int:
 # Subcommand name -> (argument declaration, runner).
 SUBCOMMANDS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "model": (add_model_arguments, run_model),
+    "loader": (add_loader_arguments, run_loader),
 }
 
 
