@@ -38,6 +38,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
+from engine.config import ArgumentParser  # noqa: E402
+from engine.errors import run_cli  # noqa: E402
 from models import ARCHITECTURES  # noqa: E402
 from models.eca_mobilenetv2 import ECA_MobileNetV2  # noqa: E402
 from models.eca_resnet import ResNet  # noqa: E402
@@ -250,7 +252,7 @@ SUBCOMMANDS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None], Callable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, runner) in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=(runner.__doc__ or "").strip() or None)
@@ -265,4 +267,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

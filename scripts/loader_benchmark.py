@@ -21,17 +21,18 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from engine.data import (
-    IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, SeededImageFolder, SeededSampler, build_loader, check_data_root,
-    list_samples, train_transform,
+    IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, SeededImageFolder, SeededSampler, build_loader, list_samples,
+    train_transform,
 )
 from engine.distributed import DistContext
+from engine.errors import UsageError
 
 PIPELINES = ("project", "original")
 
@@ -99,8 +100,9 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_loader(args: argparse.Namespace) -> int:
     """Images/s of the project's and the original's input pipelines on the same JPEGs."""
-    check_data_root(args.data, need_train=False) if os.path.isdir(os.path.join(args.data, "val")) else None
     root = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.data, "train")) else args.data
+    if not os.path.isdir(root) or not any(entry.is_dir() for entry in os.scandir(root)):
+        raise UsageError(f"{args.data!r} holds no class folders: pass an ImageFolder root (or one with train/)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = DistContext(device=device)
     makers: Dict[str, Callable[[], DataLoader]] = {
