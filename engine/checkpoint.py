@@ -16,7 +16,7 @@ import shutil
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -294,18 +294,32 @@ def load_model(path: str, arch: Optional[str] = None, k_size: KernelSpec = None,
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """Write ``obj`` so that ``path`` always holds either the old file or the complete new one.
+    """Write ``obj`` so that ``path`` always holds either the old file or the complete new one."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
 
-    The bytes go to a temporary file in the same folder, are flushed and
-    fsynced, and replace ``path`` in one ``os.replace``: a kill at any moment
-    leaves the previous checkpoint intact and loadable.
+
+def atomic_copy(source: str, destination: str) -> None:
+    """Copy ``source`` to ``destination`` with the same all-or-nothing guarantee as :func:`atomic_save`."""
+
+    def copy(handle: BinaryIO) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, length=16 << 20)
+
+    _atomic_write(destination, copy)
+
+
+def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write`` into a temporary file beside ``path``, fsync it, and rename it over ``path``.
+
+    A kill at any moment leaves ``path`` as it was (the old checkpoint, intact
+    and loadable) or complete; never half written.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
@@ -337,23 +351,6 @@ def remove_dead_writes(path: str) -> List[str]:
             except FileNotFoundError:
                 pass
     return removed
-
-
-def atomic_copy(source: str, destination: str) -> None:
-    """Copy ``source`` to ``destination`` with the same all-or-nothing guarantee as :func:`atomic_save`."""
-    folder = os.path.dirname(os.path.abspath(destination))
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(destination) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:
-            shutil.copyfileobj(original, handle, length=16 << 20)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, destination)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    _fsync_directory(folder)
 
 
 def _fsync_directory(folder: str) -> None:
