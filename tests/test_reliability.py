@@ -489,6 +489,7 @@ def test_unreadable_images_are_skipped_named_and_counted(data_with_unreadable_im
     # A truncated JPEG may still decode (as PIL would load it); the others cannot.
     must_skip = {p for p in bad if "truncated" not in p}
     assert must_skip <= skipped <= set(bad), output
+    assert ".cpp:" not in output  # reasons a user can read, not the decoder's source paths
     counts = [int(n) for n in re.findall(r"Epoch \d+ done: .*, (\d+) unreadable images skipped", output)]
     assert counts == [len(skipped)], output
     with open(out / "metrics.csv") as handle:
