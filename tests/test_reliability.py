@@ -362,10 +362,9 @@ SCRIPT_CASES = {
     "paras_flops.py with an unknown -a": ("paras_flops.py", ["-a", "eca_resnet19"], "eca_resnet19"),
     "predict.py with a missing checkpoint": ("scripts/predict.py", ["--resume", "{missing}", "{image}"], "does not exist"),
     "predict.py with random bytes": ("scripts/predict.py", ["--resume", "{random bytes}", "{image}"], "not a PyTorch"),
-    "export.py with a missing checkpoint": pytest.param(
+    "export.py with a missing checkpoint": (
         "scripts/export.py", ["--resume", "{missing}", "--format", "onnx", "--output", "{out}/model.onnx"],
-        "does not exist", marks=pytest.mark.xfail(
-            strict=True, reason="export.py creates the --output folder before it reads the checkpoint")),
+        "does not exist"),
 }
 
 
