@@ -67,7 +67,8 @@ class InvertedResidual(nn.Module):
         out = x
         for layer in branch:
             out = layer(out)
-        return eca.forward_add(out, x) if self.use_res_connect else eca(out)
+        # ``out`` is this block's own temporary, so inference may overwrite it.
+        return eca.forward_add(out, x, reuse_input=True) if self.use_res_connect else eca(out, reuse_input=True)
 
 
 def default_block_kernel_sizes() -> Tuple[int, ...]:

@@ -131,14 +131,16 @@ class ECAGateFunction(torch.autograd.Function):
         needs_x, needs_shortcut, needs_weight = ctx.needs_input_grad
         grad_x = grad_weight = None
         if needs_x or needs_weight:
-            grad_gate = (grad_out * x).sum((2, 3))
+            product = grad_out * x
+            grad_gate = product.sum((2, 3))
             grad_logit = torch.ops.aten.sigmoid_backward(grad_gate, gate.flatten(1))
             if needs_weight:
                 grad_weight = channel_conv_weight_grad(grad_logit, means, weight.shape[-1])
             if needs_x:
                 spatial_size = x.shape[2] * x.shape[3]
                 grad_means = channel_conv_input_grad(grad_logit, weight) / spatial_size
-                grad_x = torch.addcmul(grad_means[..., None, None], grad_out, gate)
+                # The product is spent: its memory takes grad_x, sparing a fresh full-size allocation.
+                grad_x = torch.addcmul(grad_means[..., None, None], grad_out, gate, out=product)
         grad_shortcut = grad_out if ctx.has_shortcut and needs_shortcut else None
         return grad_x, grad_shortcut, grad_weight
 
@@ -178,19 +180,35 @@ class eca_layer(nn.Module):
         """Per-channel weights in (0, 1), shaped ``[B, C, 1, 1]`` to broadcast over ``x``."""
         return _gate(gate_logits(x, self.conv.weight)[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._gated(x, None)
+    def forward(self, x: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+        """``x * gate``; with ``reuse_input=True`` inference may write it over ``x`` (see :meth:`forward_add`)."""
+        return self._gated(x, None, reuse_input)
 
-    def forward_add(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """``self(x) + shortcut`` in one pass over memory, as residual blocks need it."""
-        return self._gated(x, shortcut)
+    def forward_add(self, x: torch.Tensor, shortcut: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+        """``self(x) + shortcut`` in one pass over memory, as residual blocks need it.
 
-    def _gated(self, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
+        ``reuse_input=True`` lets inference write the result over ``x`` (a block
+        passes its own temporary): on the CPU a fresh feature-map allocation
+        costs page faults worth several percent of the whole network.
+        """
+        return self._gated(x, shortcut, reuse_input)
+
+    def _gated(self, x: torch.Tensor, shortcut: Optional[torch.Tensor], reuse_input: bool = False) -> torch.Tensor:
         weight = self.conv.weight
-        if torch.is_grad_enabled() and not _tracing():
+        if _tracing():
+            # Graph capture: plain out-of-place ops that compilers and exporters understand.
+            return apply_gate(x, self.gate(x), shortcut)
+        if torch.is_grad_enabled():
             return ECAGateFunction.apply(x, shortcut, weight)
-        # Inference and graph capture: plain differentiable ops that compilers and exporters understand.
-        return apply_gate(x, self.gate(x), shortcut)
+        gate = self.gate(x)
+        if not reuse_input:
+            return apply_gate(x, gate, shortcut)
+        if shortcut is None:
+            return x.mul_(gate)
+        if x.dtype == torch.float64:
+            # Multiply, then add: the original's two roundings (see apply_gate).
+            return x.mul_(gate).add_(shortcut)
+        return torch.addcmul(shortcut, x, gate, out=x)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, k_size={self.k_size}"
