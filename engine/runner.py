@@ -3,19 +3,22 @@
 ``main.py`` and ``light_main.py`` call :func:`main` with their recipe name;
 nothing else differs between them.
 """
+import argparse
 import contextlib
 import functools
 import logging
 import os
 import random
 import re
+import socket
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, NoReturn, Optional, Sequence
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import models
@@ -30,14 +33,14 @@ from .data import (
     list_samples, train_transform, val_transform,
 )
 from .distributed import (
-    DistContext, any_rank, barrier, init_distributed, is_lost_peer, should_spawn, shutdown, visible_gpus,
+    DistContext, barrier, init_distributed, is_lost_peer, should_spawn, shutdown, visible_gpus,
 )
 from .errors import Interrupted, JobFailed, UsageError, report_and_exit
 from .evaluate import EvalResult, evaluate
 from .preemption import StopRequest
 from .reporting import MetricsWriter, setup_logging, summary_line
 from .schedule import LRSchedule
-from .train import TrainParts, train_one_epoch
+from .train import EpochResult, TrainParts, train_one_epoch
 from .transfer import freeze_backbone, initialize_from, parameter_groups, read_init_checkpoint
 
 logger = logging.getLogger("eca")
@@ -61,12 +64,21 @@ def main(recipe: str, argv: Optional[Sequence[str]] = None) -> None:
         read_checkpoint(args.resume)
     if should_spawn(args):
         logger.info("=> %d GPUs visible: starting one DDP process per GPU", visible_gpus())
+        if args.dist_url is None and args.world_size <= 1:
+            args.dist_url = f"tcp://127.0.0.1:{free_port()}"
         try:
             mp.spawn(_spawned_process, args=(args,), nprocs=visible_gpus(), join=True)
         except mp.ProcessExitedException as error:
             raise SystemExit(error.exit_code or 1) from None
         return
     run_process(args)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the processes this machine spawns to meet at."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _spawned_process(index: int, args) -> None:
@@ -207,43 +219,9 @@ def header(args, ctx, model, batch, classes, train_images, val_images, output_di
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def checkpoint_state(args, parts: TrainParts, point: ResumePoint, seed: int, classes) -> dict:
-    model = parts.model_without_ddp
-    return {
-        "epoch": point.epoch,
-        "batches_done": point.step,
-        "arch": args.arch,
-        "state_dict": model.state_dict(),
-        "best_prec1": float(point.best_prec1),
-        "optimizer": parts.optimizer.state_dict(),
-        "lr_scheduler": parts.schedule.describe(),
-        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-        "model_ema": parts.ema.state_dict() if parts.ema is not None else None,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": list(random.getstate()[1]),
-        },
-        "seed": seed,
-        "kernel_sizes": list(model.kernel_sizes),
-        "class_names": list(classes),
-        "num_classes": int(models_num_classes(model)),
-        "args": serialisable_args(args),
-    }
-
-
 def models_num_classes(model: nn.Module) -> int:
     head = model.fc if hasattr(model, "fc") else model.classifier[-1]
     return head.out_features
-
-
-def save(args, ctx, parts, point, seed, classes, output_dir, is_best: bool) -> None:
-    if not ctx.is_primary:
-        return
-    path = os.path.join(output_dir, "checkpoint.pth.tar")
-    atomic_save(checkpoint_state(args, parts, point, seed, classes), path)
-    if is_best:
-        atomic_copy(path, os.path.join(output_dir, "model_best.pth.tar"))
 
 
 def restore(parts: TrainParts, ckpt: Checkpoint, args) -> ResumePoint:
@@ -332,8 +310,7 @@ def build_parts(args, ctx, model, batch, steps_per_epoch, seed, autocast, criter
 
 def train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, criterion, prepare, val_loader, stop):
     train_loader, train_sampler = make_loader(args, ctx, "train", classes, batch, seed, train=True)
-    steps_per_epoch = len(train_loader)
-    parts = build_parts(args, ctx, model, batch, steps_per_epoch, seed, autocast, criterion, prepare, num_classes)
+    parts = build_parts(args, ctx, model, batch, len(train_loader), seed, autocast, criterion, prepare, num_classes)
     point = restore(parts, ckpt, args) if ckpt is not None else ResumePoint()
     if args.start_epoch is not None:
         point.epoch, point.step = args.start_epoch, 0
@@ -343,63 +320,124 @@ def train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, c
                     point.best_prec1)
     output_dir = args.output_dir or default_output_dir(args)
     if ctx.is_primary:
-        os.makedirs(output_dir, exist_ok=True)
-        for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
-            for dead in remove_dead_writes(os.path.join(output_dir, name)):
-                logger.info("=> removed %s, left by a run killed while saving", dead)
-        with open(os.path.join(output_dir, "args.yaml"), "w") as handle:
-            handle.write(dump_yaml(serialisable_args(args)))
+        prepare_output_dir(args, output_dir)
     header(args, ctx, parts.model_without_ddp, batch, classes, len(train_loader.dataset), len(val_loader.dataset), output_dir)
     metrics = MetricsWriter(output_dir, args.tensorboard, point.epoch) if ctx.is_primary else None
+    run = TrainingRun(args, ctx, parts, point, seed, list(classes), output_dir, stop, train_loader, train_sampler,
+                      val_loader, metrics)
     try:
-        run_epochs(args, ctx, parts, train_loader, train_sampler, val_loader, point, seed, classes, output_dir,
-                   metrics, stop)
+        run.run_epochs()
     finally:
         if metrics is not None:
             metrics.close()
 
 
-def _stop(args, ctx, parts, point, seed, classes, output_dir, stop, where: str):
-    save(args, ctx, parts, point, seed, classes, output_dir, is_best=False)
-    barrier(ctx)
-    path = os.path.join(output_dir, "checkpoint.pth.tar")
-    raise Interrupted(
-        f"stopped by {stop.signal_name or 'a signal'} {where}; saved {path}: continue with --resume {path}",
-        signal_name=stop.signal_name,
-    )
+def prepare_output_dir(args, output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        for dead in remove_dead_writes(os.path.join(output_dir, name)):
+            logger.info("=> removed %s, left by a run killed while saving", dead)
+    with open(os.path.join(output_dir, "args.yaml"), "w") as handle:
+        handle.write(dump_yaml(serialisable_args(args)))
 
 
-def run_epochs(args, ctx, parts, train_loader, train_sampler, val_loader, point, seed, classes, output_dir, metrics, stop):
-    steps_per_epoch = len(train_loader)
-    for epoch in range(point.epoch, args.epochs):
-        train_result = None
-        if point.step < steps_per_epoch:
-            train_result = train_one_epoch(parts, train_loader, train_sampler, epoch, point.step, ctx, stop,
-                                           args.print_freq, args.strict_data, logger)
-            if train_result.interrupted:
-                point.epoch, point.step = epoch, train_result.steps_done
-                _stop(args, ctx, parts, point, seed, classes, output_dir, stop, f"at epoch {epoch}, batch {point.step}")
-        val = evaluate(parts.model_without_ddp, val_loader, parts.prepare, parts.criterion, ctx, parts.autocast,
-                       args.print_freq, args.strict_data, stop, logger)
-        if val.interrupted:
-            point.epoch, point.step = epoch, steps_per_epoch
-            _stop(args, ctx, parts, point, seed, classes, output_dir, stop, f"while validating epoch {epoch}")
-        logger.info(summary_line(val.prec1, val.prec5))
-        ema_val = None
-        if parts.ema is not None:
-            ema_val = evaluate(parts.ema.module, val_loader, parts.prepare, parts.criterion, ctx, parts.autocast,
-                               args.print_freq, args.strict_data, stop, logger, description="Test (EMA)")
-            logger.info(" * EMA Prec@1 %.3f Prec@5 %.3f", ema_val.prec1, ema_val.prec5)
-        is_best = val.prec1 > point.best_prec1
-        point.best_prec1 = max(val.prec1, point.best_prec1)
-        point.epoch, point.step = epoch + 1, 0
-        save(args, ctx, parts, point, seed, classes, output_dir, is_best)
-        if metrics is not None:
-            record_epoch(metrics, epoch, parts, train_result, val, ema_val, steps_per_epoch)
+@dataclass
+class TrainingRun:
+    """What a training run carries from epoch to epoch, and the loop over epochs."""
+
+    args: argparse.Namespace
+    ctx: DistContext
+    parts: TrainParts
+    point: ResumePoint
+    seed: int
+    classes: List[str]
+    output_dir: str
+    stop: StopRequest
+    train_loader: DataLoader
+    train_sampler: SeededSampler
+    val_loader: DataLoader
+    metrics: Optional[MetricsWriter]
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.output_dir, "checkpoint.pth.tar")
+
+    def run_epochs(self) -> None:
+        steps_per_epoch = len(self.train_loader)
+        for epoch in range(self.point.epoch, self.args.epochs):
+            train_result = None
+            if self.point.step < steps_per_epoch:
+                train_result = train_one_epoch(self.parts, self.train_loader, self.train_sampler, epoch,
+                                               self.point.step, self.ctx, self.stop, self.args.print_freq,
+                                               self.args.strict_data, logger)
+                if train_result.interrupted:
+                    self.stop_and_save(epoch, train_result.steps_done, f"at epoch {epoch}, batch {train_result.steps_done}")
+            val = self.validate(self.parts.model_without_ddp, "Test")
+            if val.interrupted:
+                self.stop_and_save(epoch, steps_per_epoch, f"while validating epoch {epoch}")
+            logger.info(summary_line(val.prec1, val.prec5))
+            ema_val = None
+            if self.parts.ema is not None:
+                ema_val = self.validate(self.parts.ema.module, "Test (EMA)")
+                logger.info(" * EMA Prec@1 %.3f Prec@5 %.3f", ema_val.prec1, ema_val.prec5)
+            is_best = val.prec1 > self.point.best_prec1
+            self.point.best_prec1 = max(val.prec1, self.point.best_prec1)
+            self.point.epoch, self.point.step = epoch + 1, 0
+            self.save(is_best)
+            if self.metrics is not None:
+                record_epoch(self.metrics, epoch, self.parts, train_result, val, ema_val)
+
+    def validate(self, model: nn.Module, description: str) -> EvalResult:
+        parts = self.parts
+        return evaluate(model, self.val_loader, parts.prepare, parts.criterion, self.ctx, parts.autocast,
+                        self.args.print_freq, self.args.strict_data, self.stop, logger, description=description)
+
+    def stop_and_save(self, epoch: int, steps_done: int, where: str) -> NoReturn:
+        """Save where the run stands (mid-epoch if need be) and end it with the command to resume."""
+        self.point.epoch, self.point.step = epoch, steps_done
+        self.save(is_best=False)
+        barrier(self.ctx)
+        raise Interrupted(
+            f"stopped by {self.stop.signal_name or 'a signal'} {where}; saved {self.checkpoint_path}: "
+            f"continue with --resume {self.checkpoint_path}",
+            signal_name=self.stop.signal_name,
+        )
+
+    def save(self, is_best: bool) -> None:
+        if not self.ctx.is_primary:
+            return
+        atomic_save(self.state(), self.checkpoint_path)
+        if is_best:
+            atomic_copy(self.checkpoint_path, os.path.join(self.output_dir, "model_best.pth.tar"))
+
+    def state(self) -> dict:
+        """The checkpoint: the original's keys, then everything an exact resume needs."""
+        parts, model = self.parts, self.parts.model_without_ddp
+        return {
+            "epoch": self.point.epoch,
+            "batches_done": self.point.step,
+            "arch": self.args.arch,
+            "state_dict": model.state_dict(),
+            "best_prec1": float(self.point.best_prec1),
+            "optimizer": parts.optimizer.state_dict(),
+            "lr_scheduler": parts.schedule.describe(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+            "model_ema": parts.ema.state_dict() if parts.ema is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": list(random.getstate()[1]),
+            },
+            "seed": self.seed,
+            "kernel_sizes": list(model.kernel_sizes),
+            "class_names": self.classes,
+            "num_classes": models_num_classes(model),
+            "args": serialisable_args(self.args),
+        }
 
 
-def record_epoch(metrics: MetricsWriter, epoch: int, parts: TrainParts, train_result, val: EvalResult,
-                 ema_val: Optional[EvalResult], steps_per_epoch: int) -> None:
+def record_epoch(metrics: MetricsWriter, epoch: int, parts: TrainParts, train_result: Optional[EpochResult],
+                 val: EvalResult, ema_val: Optional[EvalResult]) -> None:
     lr = parts.schedule.lr(epoch, 0)
     unreadable = len(val.unreadable) + (len(train_result.unreadable) if train_result else 0)
     row = {"epoch": epoch, "lr": lr, "val_loss": val.loss, "val_prec1": val.prec1, "val_prec5": val.prec5,
