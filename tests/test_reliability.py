@@ -105,17 +105,12 @@ def launch(tmp_path_factory):
     launcher.close()
 
 
-def assert_fails_cleanly(result, *fragments, usage_text_allowed=False):
-    """Non-zero exit, no traceback, and one error line on stderr that says each of ``fragments``.
-
-    ``usage_text_allowed``: plain argparse scripts print their usage lines before the error line.
-    """
+def assert_fails_cleanly(result, *fragments):
+    """Non-zero exit, no traceback, and one error line on stderr that says each of ``fragments``."""
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "Traceback" not in output, output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    if usage_text_allowed and lines and lines[0].startswith("usage:"):
-        lines = lines[-1:]
     assert len(lines) == 1, f"expected one error line, got:\n{result.stderr}"
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
@@ -376,7 +371,7 @@ def test_other_scripts_refuse_bad_input_in_one_line(launch, tiny_data, tmp_path,
     out = tmp_path / "out"
     args = [arg.format(**files, image=image, out=out) if "{" in arg else arg for arg in args]
     result = launch(script, *args)
-    assert_fails_cleanly(result, says, usage_text_allowed=True)
+    assert_fails_cleanly(result, says)
     assert not out.exists()
 
 
