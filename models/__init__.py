@@ -10,3 +10,9 @@ ARCHITECTURES = {
     fn.__name__: fn
     for fn in (eca_resnet18, eca_resnet34, eca_resnet50, eca_resnet101, eca_resnet152, eca_mobilenet_v2)
 }
+
+__all__ = [
+    "ARCHITECTURES", "ADAPTIVE", "ECA_MobileNetV2", "ResNet", "adaptive_kernel_size", "eca_layer",
+    "eca_mobilenet_v2", "eca_resnet18", "eca_resnet34", "eca_resnet50", "eca_resnet101", "eca_resnet152",
+    "eca_resnet_fpn_backbone", "parse_kernel_sizes",
+]

@@ -8,7 +8,6 @@ order), without its bugs in construction: every constructor honours
 """
 import math
 
-import torch
 from torch import nn
 
 
