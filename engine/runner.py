@@ -185,6 +185,8 @@ def prepare_model(model: nn.Module, args, ctx: DistContext):
     model = model.to(ctx.device, memory_format=memory_format)
     if args.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn:
+        logger.warning("warning: --sync-bn has no effect with a single process")
     plain = model
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.is_cuda else None)

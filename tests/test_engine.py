@@ -188,3 +188,20 @@ def test_predict_names_the_classes_a_trained_demo_model_learned(trained, demo_da
     # predict.py decodes with PIL, the engine with libjpeg: the same images, so nearly the same accuracy.
     assert abs(100.0 * right / len(predictions) - best) <= 5.0
     assert right / len(predictions) >= 0.5
+
+
+@pytest.mark.slow
+def test_every_training_option_runs_together(tiny_data, tmp_path):
+    out = tmp_path / "all"
+    result = run_script(
+        "main.py", "-a", "eca_resnet18", "--epochs", "2", "-b", "8", "-j", "0", *TINY, "--amp", "bf16",
+        "--channels-last", "--model-ema", "--model-ema-steps", "1", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
+        "--auto-augment", "ta_wide", "--label-smoothing", "0.1", "--clip-grad-norm", "1.0", "--warmup-epochs", "1",
+        "--lr-scheduler", "cosine", "--output-dir", out, tiny_data, check=True,
+    )
+    assert len(prec_lines(result.stdout)) == 2
+    assert result.stdout.count(" * EMA Prec@1 ") == 2
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["model_ema"] is not None and ckpt["lr_scheduler"]["kind"] == "cosine"
+    for name, tensor in ckpt["state_dict"].items():
+        assert torch.isfinite(tensor.float()).all(), name
