@@ -205,3 +205,33 @@ def test_every_training_option_runs_together(tiny_data, tmp_path):
     assert ckpt["model_ema"] is not None and ckpt["lr_scheduler"]["kind"] == "cosine"
     for name, tensor in ckpt["state_dict"].items():
         assert torch.isfinite(tensor.float()).all(), name
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_progress_bars_instead_of_batch_lines(tiny_data, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    # A real terminal has a size; tqdm draws nothing on a zero-column one.
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    command = [sys.executable, os.path.join(ROOT, "main.py"), "-a", "eca_resnet18", "--epochs", "1", "-b", "8", "-j",
+               "0", *TINY, "--output-dir", str(tmp_path / "tty"), tiny_data]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "Epoch 0:" in screen and "%|" in screen  # tqdm's bar
+    assert "Epoch: [0][" not in screen  # the plain per-batch lines are for logs, not terminals
+    assert " * Prec@1 " in screen  # the summary line is kept for everyone
