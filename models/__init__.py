@@ -1,18 +1,42 @@
-"""ECA-Net models. Every lower-case callable here that names an architecture is an ``-a`` choice."""
-from .detection import eca_resnet_fpn_backbone
-from .eca_mobilenetv2 import ECA_MobileNetV2, eca_mobilenet_v2
-from .eca_module import adaptive_kernel_size, eca_layer
-from .eca_resnet import ResNet, eca_resnet18, eca_resnet34, eca_resnet50, eca_resnet101, eca_resnet152
-from .kernel_sizes import ADAPTIVE, parse_kernel_sizes
+"""ECA-Net models.
 
-# Architectures by name: what ``-a`` accepts. The other callables above are building blocks.
+The package namespace holds exactly the architectures as lower-case callables,
+so the original's ``-a`` enumeration (``name.islower() and callable(...)`` over
+``models.__dict__``) offers them and nothing else. The building blocks
+(``eca_layer``, ``parse_kernel_sizes``, the FPN backbone helper, ...) are
+reached as ``models.NAME`` or ``from models import NAME`` all the same, through
+the module-level ``__getattr__`` below.
+"""
+import importlib
+
+from .eca_mobilenetv2 import eca_mobilenet_v2
+from .eca_resnet import eca_resnet18, eca_resnet34, eca_resnet50, eca_resnet101, eca_resnet152
+
+# Architectures by name: what ``-a`` accepts.
 ARCHITECTURES = {
     fn.__name__: fn
     for fn in (eca_resnet18, eca_resnet34, eca_resnet50, eca_resnet101, eca_resnet152, eca_mobilenet_v2)
 }
 
-__all__ = [
-    "ARCHITECTURES", "ADAPTIVE", "ECA_MobileNetV2", "ResNet", "adaptive_kernel_size", "eca_layer",
-    "eca_mobilenet_v2", "eca_resnet18", "eca_resnet34", "eca_resnet50", "eca_resnet101", "eca_resnet152",
-    "eca_resnet_fpn_backbone", "parse_kernel_sizes",
-]
+_BUILDING_BLOCKS = {
+    "eca_layer": "eca_module",
+    "adaptive_kernel_size": "eca_module",
+    "parse_kernel_sizes": "kernel_sizes",
+    "ADAPTIVE": "kernel_sizes",
+    "ResNet": "eca_resnet",
+    "ECA_MobileNetV2": "eca_mobilenetv2",
+    "eca_resnet_fpn_backbone": "detection",
+}
+
+
+def __getattr__(name: str):
+    if name in _BUILDING_BLOCKS:
+        return getattr(importlib.import_module(f".{_BUILDING_BLOCKS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_BUILDING_BLOCKS))
+
+
+__all__ = ["ARCHITECTURES", *ARCHITECTURES, *_BUILDING_BLOCKS]

@@ -53,14 +53,23 @@ def test_architectures_are_exactly_the_six_released_models():
     assert all(models.ARCHITECTURES[name] is getattr(models, name) for name in models.ARCHITECTURES)
 
 
-def test_original_style_enumeration_offers_every_architecture():
+def test_original_style_enumeration_offers_exactly_the_architectures():
     # How the original's main.py built its ``-a`` choices.
     names = sorted(
         name
         for name in models.__dict__
         if name.islower() and not name.startswith("__") and callable(models.__dict__[name])
     )
-    assert set(models.ARCHITECTURES) <= set(names)
+    assert names == sorted(models.ARCHITECTURES)
+
+
+def test_building_blocks_are_importable_from_the_package():
+    from models import ADAPTIVE, eca_layer, eca_resnet_fpn_backbone, parse_kernel_sizes  # noqa: F401
+
+    assert models.eca_layer is eca_layer
+    assert "eca_layer" in dir(models)
+    with pytest.raises(AttributeError):
+        models.no_such_thing
 
 
 @pytest.mark.parametrize("arch", ARCHS)
