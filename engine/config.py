@@ -7,11 +7,12 @@ recipe (ResNet or MobileNetV2), a ``--config`` YAML file, the command line.
 import argparse
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import yaml
 
 import models
+from models.eca_mobilenetv2 import NUM_BLOCKS as MOBILENET_BLOCKS
 from models.kernel_sizes import parse_kernel_sizes
 
 from .errors import UsageError
@@ -217,7 +218,8 @@ def dump_yaml(values: Dict[str, Any]) -> str:
 
 
 def kernel_count(arch: str) -> int:
-    return 17 if arch == "eca_mobilenet_v2" else 4
+    """How many kernel sizes ``--ksize`` gives: one per ResNet stage, one per MobileNetV2 block."""
+    return MOBILENET_BLOCKS if arch == "eca_mobilenet_v2" else 4
 
 
-__all__: List[str] = ["RECIPES", "ARCH_NAMES", "build_parser", "parse_args", "default_output_dir", "serialisable_args"]
+__all__ = ["RECIPES", "ARCH_NAMES", "build_parser", "parse_args", "default_output_dir", "serialisable_args"]

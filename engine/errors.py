@@ -32,10 +32,6 @@ class JobFailed(Exception):
     """The job cannot go on for a reason outside this process (another rank died or hung); the message says so."""
 
 
-def fail(message: str) -> NoReturn:
-    raise UsageError(message)
-
-
 def report_and_exit(action: Callable[[], object]) -> NoReturn:
     """Run ``action()`` and turn expected failures into one line on stderr and an exit status.
 
