@@ -9,6 +9,7 @@ legacy-format pickles of ``{epoch, arch, state_dict, best_prec1, optimizer}``
 whose ``arch`` is not reliable, so the architecture and every ECA kernel size
 are read from the tensors themselves.
 """
+import functools
 import logging
 import os
 import pickle
@@ -16,6 +17,7 @@ import shutil
 import re
 import tempfile
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -147,10 +149,16 @@ def _refused_global(message: str) -> Optional[str]:
 # --- which architecture, kernel sizes and class count a state_dict fits -------------------------
 
 
-def _reference_shapes(arch: str, num_classes: int = 1000) -> Dict[str, Tuple[int, ...]]:
+@functools.lru_cache(maxsize=None)
+def _reference_shapes(arch: str, num_classes: int = 1000) -> Mapping[str, Tuple[int, ...]]:
+    """Parameter names and shapes of ``arch``, read-only: built once per process on the meta device.
+
+    Identifying the architecture of a file compares it with all six, and
+    ResNet-152 takes a noticeable moment to build even without memory.
+    """
     with torch.device("meta"):
         model = models.ARCHITECTURES[arch](num_classes=num_classes)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return MappingProxyType({k: tuple(v.shape) for k, v in model.state_dict().items()})
 
 
 def _comparable_keys(keys) -> set:

@@ -60,8 +60,7 @@ def main(recipe: str, argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(recipe, argv)
     # Fail on bad paths here, once, before any process or folder is started.
     check_data_root(args.data, need_train=not args.evaluate)
-    if args.resume:
-        read_checkpoint(args.resume)
+    ckpt = read_checkpoint(args.resume) if args.resume else None
     if should_spawn(args):
         logger.info("=> %d GPUs visible: starting one DDP process per GPU", visible_gpus())
         if args.dist_url is None and args.world_size <= 1:
@@ -71,7 +70,7 @@ def main(recipe: str, argv: Optional[Sequence[str]] = None) -> None:
         except mp.ProcessExitedException as error:
             raise SystemExit(error.exit_code or 1) from None
         return
-    run_process(args)
+    run_process(args, ckpt=ckpt)
 
 
 def free_port() -> int:
@@ -85,11 +84,12 @@ def _spawned_process(index: int, args) -> None:
     report_and_exit(functools.partial(run_process, args, index))
 
 
-def run_process(args, spawned_index: Optional[int] = None) -> None:
+def run_process(args, spawned_index: Optional[int] = None, ckpt: Optional[Checkpoint] = None) -> None:
+    """One process of the job; ``ckpt`` is the ``--resume`` file when the caller has read it already."""
     ctx = init_distributed(args, spawned_index)
     setup_logging(ctx.is_primary)
     try:
-        run(args, ctx)
+        run(args, ctx, ckpt)
     except RuntimeError as error:
         # A rank that died or hung is a fault of the job, not a bug here: one line per rank, not a traceback each.
         if not (ctx.distributed and is_lost_peer(error)):
@@ -265,11 +265,12 @@ def restore_rng(ckpt: Checkpoint) -> None:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def run(args, ctx: DistContext) -> None:
+def run(args, ctx: DistContext, ckpt: Optional[Checkpoint] = None) -> None:
     classes = check_data_root(args.data, need_train=not args.evaluate)
     num_classes = resolve_num_classes(args, classes)
     batch = per_process_batch(args, ctx)
-    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is None and args.resume:
+        ckpt = read_checkpoint(args.resume)
     check_class_names(ckpt, classes)
     seed = agree_on_seed(args, ckpt, ctx)
     seed_everything(seed)
