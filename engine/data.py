@@ -283,7 +283,8 @@ class SeededSampler(Sampler):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         total = math.ceil(self.size / self.world) * self.world
-        order += order[: total - self.size]
+        # Repeat, not just extend, so that even a dataset smaller than the world gives every rank a full share.
+        order = (order * math.ceil(total / self.size))[:total]
         return order[self.rank:total:self.world]
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
@@ -291,7 +292,9 @@ class SeededSampler(Sampler):
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
-        return max(len(self._indices()) - self.skip, 0)
+        # Arithmetic, not len(self._indices()): that would draw a whole permutation on every call.
+        share = math.ceil(self.size / self.world) if self.shuffle else len(range(self.rank, self.size, self.world))
+        return max(share - self.skip, 0)
 
 
 def build_loader(

@@ -57,7 +57,8 @@ def evaluate(
     # Sums in float64 on the device: image counts stay exact and one all-reduce finishes the job.
     totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss sum, correct@1, correct@5, images
     unreadable: List[Tuple[str, str]] = []
-    progress = Progress(len(loader), print_freq, ctx.is_primary, description)
+    batches = len(loader)
+    progress = Progress(batches, print_freq, ctx.is_primary, description)
     interrupted = False
     end = time.perf_counter()
     for index, batch in enumerate(loader):
@@ -76,7 +77,7 @@ def evaluate(
             meters["top5"].update(100.0 * correct5.item() / n, n)
         meters["batch_time"].update(time.perf_counter() - end)
         end = time.perf_counter()
-        progress.step(index, test_line(index, len(loader), meters), {"prec@1": f"{meters['top1'].avg:.2f}"})
+        progress.step(index, test_line(index, batches, meters), {"prec@1": f"{meters['top1'].avg:.2f}"})
         # Ranks hold different numbers of batches here, so each checks its own flag; they agree below.
         if stop.requested:
             interrupted = True
