@@ -195,14 +195,6 @@ def _without_source_paths(error: Exception) -> str:
     return re.sub(r"^\w+, \S+\.(?:cpp|cc|h):\d+, ", "", str(error))
 
 
-def train_transform(crop_size: int, auto_augment: Optional[str] = None) -> TrainTransform:
-    return TrainTransform(crop_size, auto_augment)
-
-
-def val_transform(resize_size: int, crop_size: int) -> ValTransform:
-    return ValTransform(resize_size, crop_size)
-
-
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed that depends only on (seed, epoch, index)."""
     return ((seed * 1_000_003 + epoch) * 2_654_435_761 + index) % (1 << 63)

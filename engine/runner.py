@@ -29,8 +29,8 @@ from .checkpoint import (
 )
 from .config import default_output_dir, dump_yaml, parse_args, serialisable_args
 from .data import (
-    BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, build_loader, check_data_root, default_workers,
-    list_samples, train_transform, val_transform,
+    BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, ValTransform, build_loader,
+    check_data_root, default_workers, list_samples,
 )
 from .distributed import (
     DistContext, barrier, init_distributed, is_lost_peer, should_spawn, shutdown, visible_gpus,
@@ -197,9 +197,8 @@ def prepare_model(model: nn.Module, args, ctx: DistContext):
 
 def make_loader(args, ctx, split: str, classes, batch: int, seed: int, train: bool):
     samples = list_samples(os.path.join(args.data, split), classes)
-    transform = train_transform(args.train_crop_size, args.auto_augment) if train else val_transform(
-        args.val_resize_size, args.val_crop_size
-    )
+    transform = (TrainTransform(args.train_crop_size, args.auto_augment) if train
+                 else ValTransform(args.val_resize_size, args.val_crop_size))
     dataset = SeededImageFolder(samples, transform)
     sampler = SeededSampler(len(dataset), ctx, seed, shuffle=train)
     workers = default_workers(ctx) if args.workers is None else args.workers

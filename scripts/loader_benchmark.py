@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from engine.data import (
-    IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, SeededImageFolder, SeededSampler, build_loader, list_samples,
-    train_transform,
+    IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, build_loader,
+    list_samples,
 )
 from engine.distributed import DistContext
 from engine.errors import UsageError
@@ -50,7 +50,7 @@ def original_loader(root: str, crop: int, batch: int, workers: int, pin_memory: 
 
 def project_loader(root: str, crop: int, batch: int, workers: int, ctx: DistContext) -> DataLoader:
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    dataset = SeededImageFolder(list_samples(root, classes), train_transform(crop))
+    dataset = SeededImageFolder(list_samples(root, classes), TrainTransform(crop))
     sampler = SeededSampler(len(dataset), ctx, seed=0, shuffle=True)
     return build_loader(dataset, sampler, batch, workers, ctx, drop_last=True)
 
