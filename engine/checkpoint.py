@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import models
-from models.kernel_sizes import KernelSpec
+from models.kernel_sizes import KernelSpec, format_kernel_sizes
 
 from .errors import UsageError
 
@@ -231,7 +231,7 @@ def check_kernel_sizes(arch: str, k_size: KernelSpec, found: Tuple[int, ...], ck
         if wanted[index] != found[index]:
             raise UsageError(
                 f"--ksize {k_size} asks for kernel size {wanted[index]} at {key}, but {ckpt.path!r} has "
-                f"{found[index]} there (the file's sizes: {''.join(map(str, found)) if max(found) < 10 else ','.join(map(str, found))}); "
+                f"{found[index]} there (the file's sizes: {format_kernel_sizes(found)}); "
                 "drop --ksize to use the file's kernel sizes"
             )
 

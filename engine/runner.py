@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import models
+from models.kernel_sizes import format_kernel_sizes
 
 from .checkpoint import (
     Checkpoint, as_float, atomic_copy, atomic_save, identify_architecture, model_from_checkpoint, read_checkpoint,
@@ -209,7 +210,7 @@ def make_loader(args, ctx, split: str, classes, batch: int, seed: int, train: bo
 def header(args, ctx, model, batch, classes, train_images, val_images, output_dir) -> None:
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("=> %s, ECA kernel sizes %s, %d classes, %.2fM parameters", args.arch,
-                "".join(map(str, model.kernel_sizes)) if max(model.kernel_sizes) < 10 else list(model.kernel_sizes),
+                format_kernel_sizes(model.kernel_sizes),
                 len(classes), parameters / 1e6)
     logger.info("=> device %s, %d process(es); batch %d per process, %d in all; lr %g (%s schedule)",
                 ctx.device, ctx.world_size, batch, batch * ctx.world_size, args.lr, args.lr_scheduler)

@@ -8,7 +8,7 @@ stages and ``"adaptive"`` (the paper's Eq. 12).
 import re
 from typing import Sequence, Tuple, Union
 
-__all__ = ["KernelSpec", "ADAPTIVE", "parse_kernel_sizes"]
+__all__ = ["KernelSpec", "ADAPTIVE", "parse_kernel_sizes", "format_kernel_sizes"]
 
 ADAPTIVE = "adaptive"
 KernelSpec = Union[None, int, str, Sequence[Union[int, str]]]
@@ -83,3 +83,8 @@ def parse_kernel_sizes(spec: KernelSpec, count: int = 4) -> Union[Tuple[int, ...
             f"invalid ECA kernel sizes {spec!r}: {len(items)} values for {count} stages; {_accepted_forms(count)}"
         )
     return tuple(_to_int(item, spec, count) for item in items)
+
+
+def format_kernel_sizes(sizes: Sequence[int]) -> str:
+    """Kernel sizes as ``--ksize`` takes them back: the original's digits ('3557'), or commas once one has two digits."""
+    return ("" if max(sizes) < 10 else ",").join(map(str, sizes))
