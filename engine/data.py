@@ -329,10 +329,13 @@ class BatchPreparer:
         self.shift = mean / std
 
     def __call__(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        images = batch.images.to(self.device, non_blocking=True)
-        targets = batch.targets.to(self.device, non_blocking=True)
+        return self.images(batch.images), batch.targets.to(self.device, non_blocking=True)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 ``[B, 3, H, W]`` stack, normalised on the device."""
+        images = images.to(self.device, non_blocking=True)
         images = images.to(dtype=torch.float32, memory_format=self.memory_format)
-        return images.mul_(self.scale).sub_(self.shift), targets
+        return images.mul_(self.scale).sub_(self.shift)
 
 
 class BatchMixer:

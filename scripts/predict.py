@@ -21,20 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
 
 import models  # noqa: E402
 from engine.checkpoint import load_model  # noqa: E402
-from engine.config import ArgumentParser
+from engine.config import ArgumentParser  # noqa: E402
+from engine.data import IMAGE_EXTENSIONS, BatchPreparer, ValTransform, decode_rgb  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RESIZE_SIZE = 256
 DEFAULT_CROP_SIZE = 224
-UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -149,30 +144,25 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 class Preprocess:
-    """The validation transform: resize the shorter side, centre crop, normalise."""
+    """The evaluation pipeline's own decoding and geometry (resize the shorter side, centre crop), as uint8."""
 
     def __init__(self, resize_size: int, crop_size: int):
-        self.geometry = v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)])
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.geometry = ValTransform(resize_size, crop_size)
 
     def __call__(self, path: str) -> torch.Tensor:
-        with Image.open(path) as image:
-            pixels = v2.functional.pil_to_tensor(image.convert("RGB"))
-        pixels = self.geometry(pixels).float().div_(255.0)
-        return (pixels - self.mean) / self.std
+        return self.geometry(decode_rgb(path))
 
 
 def load_batches(
     paths: Sequence[str], preprocess: Preprocess, batch_size: int
 ) -> Iterator[Tuple[List[str], torch.Tensor]]:
-    """Batches of readable images; an unreadable one is skipped with a warning naming it."""
+    """uint8 batches of readable images; an unreadable one is skipped with a warning naming it."""
     names: List[str] = []
     tensors: List[torch.Tensor] = []
     for path in paths:
         try:
             tensors.append(preprocess(path))
-        except UNREADABLE_IMAGE_ERRORS as error:
+        except ValueError as error:  # what decode_rgb raises for a file that is not a readable image
             if len(paths) == 1:
                 raise UsageError(f"cannot read image {path!r}: {error}") from None
             print(f"warning: skipping {path!r}: not a readable image ({error})", file=sys.stderr)
@@ -189,8 +179,9 @@ def load_batches(
 def predict(
     model: torch.nn.Module, batches: Iterator[Tuple[List[str], torch.Tensor]], device: torch.device, topk: int
 ) -> Iterator[Prediction]:
+    normalise = BatchPreparer(device, channels_last=False).images
     for names, images in batches:
-        probabilities = torch.softmax(model(images.to(device)).float(), dim=1)
+        probabilities = torch.softmax(model(normalise(images)).float(), dim=1)
         top_probabilities, top_indices = probabilities.topk(topk, dim=1)
         for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist()):
             yield Prediction(image=name, indices=indices, probabilities=values)
@@ -251,14 +242,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.json:
         print(json.dumps(records, indent=2))
 
-def exit_quietly_on_closed_pipe() -> None:
-    # The reader stopped early (``| head``): not a failure, and Python's flush at exit must not complain either.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(0)
-
 
 if __name__ == "__main__":
-    try:
-        run_cli(main)
-    except BrokenPipeError:
-        exit_quietly_on_closed_pipe()
+    run_cli(main)
