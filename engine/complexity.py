@@ -222,6 +222,12 @@ def _record_eca_costs(model: nn.Module, costs: List[EcaLayerCost]) -> List[torch
             if channels != layer.channels:
                 raise RuntimeError(f"an ECA layer over {layer.channels} channels closes a block with {channels}")
             costs.append(EcaLayerCost(channels, layer.k_size, height, width))
+            closing_relu = getattr(host, "relu", None)
+            if isinstance(closing_relu, nn.ReLU):
+                # ResNet blocks apply their last ReLU inside eca_layer.forward_add_relu, where no
+                # hook sees it; the original applied the block's ReLU module last to the block's
+                # output, and that application is the one its count kept.
+                _set_ops(closing_relu, output.numel())
 
         return record
 

@@ -8,11 +8,16 @@ The layer adds almost no arithmetic; what it costs is passes over the feature
 map. The implementation below keeps those to the minimum:
 
 * forward: one read for the channel means, one read-read-write for
-  ``x * gate + shortcut`` (a single ``addcmul``);
-* backward (training, eager): a hand-written :class:`torch.autograd.Function`
-  that folds the mean's gradient (a per-channel constant) into the same
+  ``x * gate + shortcut`` (a single ``addcmul``); a ResNet block's end,
+  ``relu(x * gate + shortcut)``, is written over the block's BatchNorm output
+  and keeps no extra feature map for the backward
+  (:class:`ECAResidualReLUFunction`);
+* backward (training, eager): hand-written :class:`torch.autograd.Function`\ s
+  that fold the mean's gradient (a per-channel constant) into the same
   ``addcmul`` that applies the gate to the incoming gradient, instead of
-  materialising an expanded, divided copy and adding it in a further pass;
+  materialising an expanded, divided copy and adding it in a further pass, and
+  take the per-channel ``sum(grad * x)`` without writing the product
+  (:func:`spatial_dot`);
 * the k-tap convolution across channels runs on a ``[B, C]`` matrix as k
   shifted multiply-adds, avoiding ``Conv1d``'s large fixed cost per call.
 
@@ -26,8 +31,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "shifted_channel_conv", "apply_gate", "ECAGateFunction"]
+__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "shifted_channel_conv", "apply_gate", "spatial_dot", "ECAGateFunction", "ECAResidualReLUFunction"]
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -103,46 +109,163 @@ def _gate(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits)[..., None, None]
 
 
+def spatial_dot(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(a * b).sum((2, 3))``, shaped ``[B, C]``, without writing the product where that is possible.
+
+    For contiguous NCHW tensors on the CPU, BatchNorm's backward kernel computes
+    exactly this per channel (``sum(grad * (input - mean)) * invstd`` with
+    mean 0 and invstd 1) in one vectorised read of both tensors; viewing
+    ``[B, C, H, W]`` as ``[1, B * C, H, W]`` makes its channels our (sample,
+    channel) pairs. Elsewhere the product is written, into ``scratch`` when
+    given (a spent tensor of the same shape), and summed.
+    """
+    if _fused_dot_applies(a, b):
+        batch, channels, height, width = a.shape
+        pairs = batch * channels
+        as_channels = (1, pairs, height, width)
+        zeros = a.new_zeros(pairs)
+        ones = a.new_ones(pairs)
+        _, dot, _ = torch.ops.aten.native_batch_norm_backward(
+            a.view(as_channels), b.view(as_channels), None, None, None, zeros, ones, True, 0.0, [False, True, False]
+        )
+        return dot.view(batch, channels)
+    return torch.mul(a, b, out=scratch).sum((2, 3))
+
+
+def _fused_dot_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.float64)
+        and a.dtype == b.dtype
+        and a.is_contiguous()
+        and b.is_contiguous()
+    )
+
+
 class ECAGateFunction(torch.autograd.Function):
     """``x * sigmoid(conv(mean(x))) (+ shortcut)`` with a backward of two passes over the feature map.
 
     Autograd's own backward for the plain formulation writes ``grad * x``, a
     broadcast copy of the mean's gradient divided by H*W, ``grad * gate``, and
-    their sum: four full-size tensors. Here the per-channel part of the input
-    gradient (through the mean) is added inside the ``addcmul`` that applies the
-    gate, so the backward reads the feature map twice and writes it once.
+    their sum: four full-size tensors. Here the per-channel ``sum(grad * x)`` is
+    read without writing the product (see :func:`spatial_dot`), and the part of
+    the input gradient that flows through the mean (a per-channel constant) is
+    added inside the ``addcmul`` that applies the gate: the backward reads the
+    feature map twice and writes it once.
+
+    With ``reuse_input=True`` the caller hands over ``x`` as a temporary that
+    nothing else reads (a block's BatchNorm output, as torchvision's blocks
+    add their residual into it in place): the backward then writes the input
+    gradient over ``x`` once it is spent, instead of into a fresh allocation,
+    which on the CPU costs page faults worth a full pass over memory.
+
+    Both backwards are first-order only (``once_differentiable``): the gate is
+    computed without a graph, so differentiating them again (``create_graph=True``,
+    as gradient penalties do) raises instead of returning wrong second derivatives.
     """
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, shortcut: Optional[torch.Tensor], weight: torch.Tensor
+        ctx, x: torch.Tensor, shortcut: Optional[torch.Tensor], weight: torch.Tensor, reuse_input: bool = False
     ) -> torch.Tensor:
         means, logits = gate_logits(x, weight)
         gate = _gate(logits)
         ctx.save_for_backward(x, means, gate, weight)
         ctx.has_shortcut = shortcut is not None
+        ctx.reuse_input = reuse_input
+        ctx.input_spent = False
         return apply_gate(x, gate, shortcut)
 
     @staticmethod
+    @once_differentiable
     def backward(
         ctx, grad_out: torch.Tensor
-    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], None]:
+        if ctx.input_spent:
+            raise RuntimeError(
+                "eca_layer: this graph's ECA backward already ran and reused its saved input; "
+                "backward through it again (retain_graph=True) needs the layer called with reuse_input=False"
+            )
         x, means, gate, weight = ctx.saved_tensors
-        needs_x, needs_shortcut, needs_weight = ctx.needs_input_grad
+        needs_x, needs_shortcut, needs_weight = ctx.needs_input_grad[:3]
+        spent_x = x if ctx.reuse_input else None
+        ctx.input_spent = spent_x is not None
         grad_x = grad_weight = None
         if needs_x or needs_weight:
-            product = grad_out * x
-            grad_gate = product.sum((2, 3))
+            grad_gate = spatial_dot(grad_out, x, scratch=spent_x)
             grad_logit = torch.ops.aten.sigmoid_backward(grad_gate, gate.flatten(1))
             if needs_weight:
                 grad_weight = channel_conv_weight_grad(grad_logit, means, weight.shape[-1])
             if needs_x:
                 spatial_size = x.shape[2] * x.shape[3]
                 grad_means = channel_conv_input_grad(grad_logit, weight) / spatial_size
-                # The product is spent: its memory takes grad_x, sparing a fresh full-size allocation.
-                grad_x = torch.addcmul(grad_means[..., None, None], grad_out, gate, out=product)
+                grad_x = torch.addcmul(grad_means[..., None, None], grad_out, gate, out=spent_x)
         grad_shortcut = grad_out if ctx.has_shortcut and needs_shortcut else None
-        return grad_x, grad_shortcut, grad_weight
+        return grad_x, grad_shortcut, grad_weight, None
+
+
+def _residual_relu_(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``relu(x * gate + shortcut)`` written over ``x``."""
+    if x.dtype == torch.float64:
+        # Two roundings, as the original (see apply_gate).
+        return x.mul_(gate).add_(shortcut).relu_()
+    return torch.addcmul(shortcut, x, gate, out=x).relu_()
+
+
+def recovers_gated_input(x: torch.Tensor) -> bool:
+    """Whether ``out - shortcut`` gives back ``x * gate`` closely enough for the weight gradient.
+
+    It does to the rounding of ``out``, relative to the shortcut's magnitude:
+    fine in float32/float64, too coarse in half precision, where
+    :class:`ECAGateFunction` keeps ``x`` instead.
+    """
+    return x.dtype in (torch.float32, torch.float64)
+
+
+class ECAResidualReLUFunction(torch.autograd.Function):
+    """``relu(x * gate + shortcut)`` in place over ``x``: the end of a residual block, saving nothing new.
+
+    :class:`ECAGateFunction` must keep ``x`` for the backward, so its output
+    needs a fresh tensor, one more feature map alive per block until the
+    backward; on the CPU fresh memory is paid in page faults, the largest cost
+    that ECA adds to a ResNet-50 training step. This version writes the output
+    over ``x`` (as torchvision's blocks add their residual into the BatchNorm
+    output) and saves only tensors the network keeps anyway: the output, which
+    the next block's convolution saves, and the shortcut, which this block's
+    first convolution saves. Where the ReLU passed its input, ``x * gate`` is
+    ``out - shortcut``; where it did not, the gradient is zero and ``x`` does
+    not matter. So the per-channel ``sum(grad * x) * gate`` that the gate's
+    gradient needs is ``sum(grad' * out) - sum(grad' * shortcut)`` with
+    ``grad'`` the gradient through the ReLU, and no division by the gate.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        means, logits = gate_logits(x, weight)
+        gate = _gate(logits)
+        out = _residual_relu_(x, gate, shortcut)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(out, shortcut, means, gate, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, shortcut, means, gate, weight = ctx.saved_tensors
+        grad_sum = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        if _fused_dot_applies(grad_sum, out) and _fused_dot_applies(grad_sum, shortcut):
+            gated_dot = spatial_dot(grad_sum, out) - spatial_dot(grad_sum, shortcut)
+            scratch = None
+        else:
+            # The products must be written here; they go into the buffer that grad_x takes next.
+            scratch = torch.sub(out, shortcut).mul_(grad_sum)
+            gated_dot = scratch.sum((2, 3))
+        # d sigmoid = gate * (1 - gate), and gated_dot already carries the gate.
+        grad_logit = gated_dot * (1 - gate.flatten(1))
+        grad_weight = channel_conv_weight_grad(grad_logit, means, weight.shape[-1])
+        grad_means = channel_conv_input_grad(grad_logit, weight) / (out.shape[2] * out.shape[3])
+        grad_x = torch.addcmul(grad_means[..., None, None], grad_sum, gate, out=scratch)
+        return grad_x, grad_sum, grad_weight
 
 
 def _tracing() -> bool:
@@ -193,13 +316,28 @@ class eca_layer(nn.Module):
         """
         return self._gated(x, shortcut, reuse_input)
 
+    def forward_add_relu(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """``relu(self(x) + shortcut)``, written over ``x``: how a ResNet block ends.
+
+        ``x`` must be the caller's own temporary (a block's last BatchNorm
+        output); it is overwritten in training and inference alike.
+        """
+        if _tracing():
+            return F.relu(apply_gate(x, self.gate(x), shortcut))
+        weight = self.conv.weight
+        if not torch.is_grad_enabled():
+            return _residual_relu_(x, self.gate(x), shortcut)
+        if recovers_gated_input(x):
+            return ECAResidualReLUFunction.apply(x, shortcut, weight)
+        return ECAGateFunction.apply(x, shortcut, weight, True).relu_()
+
     def _gated(self, x: torch.Tensor, shortcut: Optional[torch.Tensor], reuse_input: bool = False) -> torch.Tensor:
         weight = self.conv.weight
         if _tracing():
             # Graph capture: plain out-of-place ops that compilers and exporters understand.
             return apply_gate(x, self.gate(x), shortcut)
         if torch.is_grad_enabled():
-            return ECAGateFunction.apply(x, shortcut, weight)
+            return ECAGateFunction.apply(x, shortcut, weight, reuse_input)
         gate = self.gate(x)
         if not reuse_input:
             return apply_gate(x, gate, shortcut)

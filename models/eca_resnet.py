@@ -52,7 +52,7 @@ class ECABasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(self.eca.forward_add(out, shortcut, reuse_input=True))
+        return self.eca.forward_add_relu(out, shortcut)
 
 
 class ECABottleneck(nn.Module):
@@ -80,7 +80,7 @@ class ECABottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(self.eca.forward_add(out, shortcut, reuse_input=True))
+        return self.eca.forward_add_relu(out, shortcut)
 
 
 Block = Type[Union[ECABasicBlock, ECABottleneck]]

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ARCHITECTURES
-from models.eca_module import ECAGateFunction, eca_layer, gate_logits, shifted_channel_conv
+from models.eca_module import (
+    ECAGateFunction,
+    ECAResidualReLUFunction,
+    eca_layer,
+    gate_logits,
+    shifted_channel_conv,
+    spatial_dot,
+)
 from original_models import OriginalECALayer, original_model
 
 KERNEL_SIZES = (1, 3, 5, 7, 9)
@@ -242,3 +249,177 @@ def test_ddp_sees_every_eca_kernel_gradient(tmp_path):
         assert kernels and all(kernel.grad is not None for kernel in kernels)
     finally:
         distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the end of a residual block
+
+
+def residual_relu_backward(layer, x, shortcut, grad_out):
+    """relu(layer(x) + shortcut) forward and backward; ``x`` enters as a non-leaf temporary, as in a block."""
+    x_leaf = x.detach().clone().requires_grad_(True)
+    shortcut = shortcut.detach().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    temporary = x_leaf * 1
+    if isinstance(layer, eca_layer):
+        out = layer.forward_add_relu(temporary, shortcut)
+    else:
+        out = torch.relu(layer(temporary) + shortcut)
+    out.backward(grad_out)
+    return out.detach(), x_leaf.grad, shortcut.grad, layer.conv.weight.grad
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("k", KERNEL_SIZES)
+def test_residual_relu_matches_plain_formulation(k, format_name, spatial):
+    memory_format = MEMORY_FORMATS[format_name]
+    shape = (3, 24, *spatial)
+    x = make_input(shape, memory_format, seed=21)
+    shortcut = make_input(shape, memory_format, seed=22)
+    grad_out = make_input(shape, memory_format, seed=23)
+    fused, plain = paired_layers(24, k)
+
+    out, grad_x, grad_shortcut, grad_weight = residual_relu_backward(fused, x, shortcut, grad_out)
+    ref_out, ref_grad_x, ref_grad_shortcut, ref_grad_weight = residual_relu_backward(plain, x, shortcut, grad_out)
+
+    assert torch.equal(out, ref_out)
+    assert out.is_contiguous(memory_format=memory_format)
+    assert (out == 0).any() and (out > 0).any()  # both sides of the ReLU are exercised
+    assert torch.equal(grad_shortcut, ref_grad_shortcut)
+    # x * gate is recovered as out - shortcut: equal up to the rounding of out.
+    torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_weight, ref_grad_weight, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(fused.forward_add_relu(x.clone(), shortcut), ref_out)
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("k", (1, 3, 5))
+def test_residual_relu_backward_gradcheck(k, format_name):
+    memory_format = MEMORY_FORMATS[format_name]
+    shape = (2, 7, 5, 4)
+    x = make_input(shape, memory_format, seed=24).requires_grad_(True)
+    shortcut = make_input(shape, memory_format, seed=25).requires_grad_(True)
+    weight = torch.randn(1, 1, k, dtype=torch.float64, requires_grad=True)
+
+    def residual_relu(x, shortcut, weight):
+        # The function writes over its first input, which must not be gradcheck's leaf.
+        return ECAResidualReLUFunction.apply(x.clone(), shortcut, weight)
+
+    assert torch.autograd.gradcheck(residual_relu, (x, shortcut, weight))
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+def test_residual_relu_writes_over_its_input(format_name):
+    layer = eca_layer(16, 3)
+    x = make_input((2, 16, 6, 6), MEMORY_FORMATS[format_name], dtype=torch.float32, seed=26)
+    shortcut = make_input((2, 16, 6, 6), MEMORY_FORMATS[format_name], dtype=torch.float32, seed=27)
+    expected = torch.relu(layer(x) + shortcut)
+    for grad_enabled in (False, True):
+        temporary = x.clone().requires_grad_(grad_enabled) * 1 if grad_enabled else x.clone()
+        with torch.set_grad_enabled(grad_enabled):
+            out = layer.forward_add_relu(temporary, shortcut)
+        assert out.data_ptr() == temporary.data_ptr()
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_residual_relu_in_half_precision_keeps_the_input():
+    """bfloat16 cannot recover x * gate as out - shortcut; that path saves x instead."""
+    fused, plain = paired_layers(32, 3, dtype=torch.float32)
+    shape = (2, 32, 6, 6)
+    x = make_input(shape, torch.contiguous_format, dtype=torch.float32, seed=28)
+    # Away from the ReLU's kink, where bfloat16 rounding would flip single elements.
+    shortcut = make_input(shape, torch.contiguous_format, dtype=torch.float32, seed=29).abs() + 4
+    grad_out = make_input(shape, torch.contiguous_format, dtype=torch.float32, seed=30)
+    reference = residual_relu_backward(plain, x, shortcut, grad_out)
+    fused = fused.to(torch.bfloat16)
+    results = residual_relu_backward(fused, x.bfloat16(), shortcut.bfloat16(), grad_out.bfloat16())
+    for result, expected in zip(results, reference, strict=True):
+        torch.testing.assert_close(result.float(), expected, rtol=0.05, atol=0.05)
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages that a training forward pass keeps for the backward."""
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_eca_resnet_saves_no_more_activations_than_torchvision(arch):
+    """The ECA layer closes each block in place: beyond torchvision's block it keeps the
+    [B, C] means and gates, and the shortcut where a block computes one (its input is kept anyway)."""
+    import torchvision
+
+    x = torch.randn(2, 3, 64, 64)
+    eca = ARCHITECTURES[f"eca_{arch}"](num_classes=10).train()
+    reference = getattr(torchvision.models, arch)(num_classes=10).train()
+    shortcut_bytes = []
+    for module in eca.modules():
+        if getattr(module, "downsample", None) is not None:
+            module.downsample.register_forward_hook(
+                lambda module, inputs, output: shortcut_bytes.append(output.numel() * output.element_size())
+            )
+    eca_bytes = saved_activation_bytes(eca, x)
+    reference_bytes = saved_activation_bytes(reference, x)
+    blocks = sum(1 for module in eca.modules() if isinstance(module, eca_layer))
+    gate_bytes = blocks * 2 * x.shape[0] * 2048 * 4  # means and gate, float32, at most 2048 channels
+    assert shortcut_bytes
+    assert reference_bytes <= eca_bytes <= reference_bytes + sum(shortcut_bytes) + gate_bytes
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spatial_dot_equals_product_sum(dtype, format_name):
+    a = make_input((3, 40, 7, 6), MEMORY_FORMATS[format_name], dtype=dtype, seed=31)
+    b = make_input((3, 40, 7, 6), MEMORY_FORMATS[format_name], dtype=dtype, seed=32)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(spatial_dot(a, b), (a * b).sum((2, 3)), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+def test_reused_input_gives_the_same_gradients(format_name):
+    """reuse_input=True lets the backward write over the block's temporary; the gradients must not change."""
+    memory_format = MEMORY_FORMATS[format_name]
+    layer = eca_layer(24, 5)
+    shape = (2, 24, 7, 6)
+    x = make_input(shape, memory_format, dtype=torch.float32, seed=33)
+    shortcut = make_input(shape, memory_format, dtype=torch.float32, seed=34)
+    grad_out = make_input(shape, memory_format, dtype=torch.float32, seed=35)
+    grads = []
+    for reuse_input in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        layer.forward_add(leaf * 1, shortcut, reuse_input=reuse_input).backward(grad_out)
+        grads.append((leaf.grad, layer.conv.weight.grad))
+    for plain, reused in zip(*grads, strict=True):
+        torch.testing.assert_close(reused, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_second_backward_through_a_reused_input_is_refused_in_words():
+    layer = eca_layer(8, 3)
+    leaf = torch.randn(2, 8, 4, 4, requires_grad=True)
+    out = layer.forward_add(leaf * 1, torch.randn(2, 8, 4, 4), reuse_input=True)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="reuse_input=False"):
+        out.sum().backward()
+    plain = layer.forward_add(leaf * 1, torch.randn(2, 8, 4, 4), reuse_input=False)
+    plain.sum().backward(retain_graph=True)
+    plain.sum().backward()  # without reuse the graph can be walked twice
+
+
+@pytest.mark.parametrize("arch", ["eca_resnet18", "eca_mobilenet_v2"])
+def test_second_derivatives_are_refused_not_wrong(arch):
+    """The hand-written backwards are first-order; create_graph=True must fail loudly, not mislead."""
+    model = ARCHITECTURES[arch](num_classes=4)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.square().sum().backward()
