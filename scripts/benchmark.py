@@ -2,10 +2,14 @@
 
 ``model``: images/s of the project's ECA model, of the original release's
 formulation (``original_models.py``) and of the matching torchvision model,
-for training steps and inference, NCHW and channels_last. The three models are
+for training steps and inference, NCHW and channels_last. The models are
 measured round-robin in one process (one step of each per repetition, starting
 from a different model each time), so that drifts in machine load hit them
-alike; the figures are medians over the repetitions.
+alike. Images/s are medians over the repetitions; each ratio to torchvision is
+the median of the per-repetition ratios (each model against the torchvision
+step of the same repetition), with its interquartile range. ``--control`` adds
+a second torchvision model with the same weights: its ratio, ideally 1, shows
+how far the machine's noise alone moves a ratio.
 
     python scripts/benchmark.py model -a eca_resnet50 --batch-size 16 --image-size 128
 
@@ -54,7 +58,8 @@ TORCHVISION_COUNTERPART = {
     "eca_resnet152": "resnet152",
     "eca_mobilenet_v2": "mobilenet_v2",
 }
-MODEL_ROLES = ("project", "original", "torchvision")
+REFERENCE_ROLE = "torchvision"
+CONTROL_ROLE = "control"
 MEMORY_FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,8 +88,44 @@ def autocast(setting: Setting) -> ContextManager:
     return torch.autocast(device_type=setting.device.type, dtype=setting.amp_dtype)
 
 
-def build_models(arch: str, k_size: Optional[str], num_classes: int) -> Dict[str, nn.Module]:
-    """The project's model, the original formulation with the same weights, and torchvision's counterpart."""
+@dataclass(frozen=True)
+class Ratio:
+    """A model's throughput over torchvision's: median and quartiles of the per-repetition ratios."""
+
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} ({self.low:.3f}-{self.high:.3f})"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Median images/s of every model, and every model's :class:`Ratio` to torchvision."""
+
+    rates: Dict[str, float]
+    ratios: Dict[str, Ratio]
+
+
+def summarise(seconds: Dict[str, List[float]], images_per_repetition: int) -> Measurement:
+    """Rates and paired ratios from the seconds each model took in each repetition."""
+    rates = {role: images_per_repetition / statistics.median(values) for role, values in seconds.items()}
+    ratios = {}
+    for role, values in seconds.items():
+        if role == REFERENCE_ROLE:
+            continue
+        paired = [reference / own for reference, own in zip(seconds[REFERENCE_ROLE], values, strict=True)]
+        low, median, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        ratios[role] = Ratio(median=median, low=low, high=high)
+    return Measurement(rates=rates, ratios=ratios)
+
+
+def build_models(arch: str, k_size: Optional[str], num_classes: int, control: bool = False) -> Dict[str, nn.Module]:
+    """The project's model, the original formulation with the same weights, and torchvision's counterpart.
+
+    With ``control``, also a second torchvision model with the first one's weights.
+    """
     project = ARCHITECTURES[arch](k_size=k_size, num_classes=num_classes)
     if isinstance(project, ResNet):
         original = original_model(arch, project.kernel_sizes, num_classes)
@@ -96,7 +137,11 @@ def build_models(arch: str, k_size: Optional[str], num_classes: int) -> Dict[str
     # original only knows the released kernel rule, so other --ksize values fail here).
     original.load_state_dict(project.state_dict())
     reference = getattr(torchvision.models, TORCHVISION_COUNTERPART[arch])(num_classes=num_classes)
-    return {"project": project, "original": original, "torchvision": reference}
+    models = {"project": project, "original": original, REFERENCE_ROLE: reference}
+    if control:
+        models[CONTROL_ROLE] = getattr(torchvision.models, TORCHVISION_COUNTERPART[arch])(num_classes=num_classes)
+        models[CONTROL_ROLE].load_state_dict(reference.state_dict())
+    return models
 
 
 def prepare(model: nn.Module, memory_format: torch.memory_format, setting: Setting, train: bool) -> nn.Module:
@@ -147,31 +192,30 @@ def time_once(step: Callable[[], None], iterations: int, device: torch.device) -
 
 def measure_round_robin(
     steps: Dict[str, Callable[[], None]], repeats: int, warmup: int, iterations: int, setting: Setting
-) -> Dict[str, float]:
-    """Median images/s of every step, measured interleaved; the starting step rotates each repetition."""
+) -> Measurement:
+    """Every step timed once per repetition, interleaved; the starting step rotates each repetition."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
             time_once(steps[name], iterations, setting.device)
-    rates: Dict[str, List[float]] = {name: [] for name in names}
+    seconds: Dict[str, List[float]] = {name: [] for name in names}
     for repetition in range(repeats):
         shift = repetition % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds = time_once(steps[name], iterations, setting.device)
-            rates[name].append(iterations * setting.batch_size / seconds)
-    return {name: statistics.median(values) for name, values in rates.items()}
+            seconds[name].append(time_once(steps[name], iterations, setting.device))
+    return summarise(seconds, iterations * setting.batch_size)
 
 
 def measure_setting(
     arch: str, k_size: Optional[str], mode: str, format_name: str, setting: Setting, args: argparse.Namespace
-) -> Dict[str, float]:
-    """Images/s of the three models for one mode (train/inference) and memory format."""
+) -> Measurement:
+    """Images/s of the models for one mode (train/inference) and memory format."""
     memory_format = MEMORY_FORMATS[format_name]
     train = mode == "train"
     torch.manual_seed(args.seed)
     models = {
         role: prepare(model, memory_format, setting, train)
-        for role, model in build_models(arch, k_size, setting.num_classes).items()
+        for role, model in build_models(arch, k_size, setting.num_classes, args.control).items()
     }
     images, targets = make_batch(setting, memory_format)
     steps = {
@@ -181,13 +225,10 @@ def measure_setting(
     return measure_round_robin(steps, args.repeats, args.warmup, args.iterations, setting)
 
 
-def format_result(arch: str, mode: str, format_name: str, rates: Dict[str, float]) -> str:
-    reference = rates["torchvision"]
-    return (
-        f"{arch:<16} {mode:<9} {format_name:<13} "
-        + "  ".join(f"{role} {rates[role]:8.2f}" for role in MODEL_ROLES)
-        + f"  img/s   project/tv {rates['project'] / reference:.3f}  original/tv {rates['original'] / reference:.3f}"
-    )
+def format_result(arch: str, mode: str, format_name: str, measurement: Measurement) -> str:
+    rates = "  ".join(f"{role} {rate:8.2f}" for role, rate in measurement.rates.items())
+    ratios = "  ".join(f"{role}/tv {ratio}" for role, ratio in measurement.ratios.items())
+    return f"{arch:<16} {mode:<9} {format_name:<13} {rates}  img/s   {ratios}"
 
 
 def describe_machine(device: torch.device) -> str:
@@ -214,6 +255,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every model first")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also time a second torchvision model with the same weights: its ratio shows the noise floor",
+    )
 
 
 def run_model(args: argparse.Namespace) -> int:
@@ -235,12 +281,13 @@ def run_model(args: argparse.Namespace) -> int:
     print(f"machine: {describe_machine(device)}")
     print(
         f"batch {args.batch_size}, {args.image_size} px, {args.repeats} interleaved repetitions of "
-        f"{args.iterations} step(s) after {args.warmup} warm-up, medians; amp {args.amp}, compile {args.compile}"
+        f"{args.iterations} step(s) after {args.warmup} warm-up; images/s: medians; X/tv: median "
+        f"(interquartile range) of the per-repetition ratios; amp {args.amp}, compile {args.compile}"
     )
     for mode in args.modes:
         for format_name in args.formats:
-            rates = measure_setting(args.arch, args.ksize, mode, format_name, setting, args)
-            print(format_result(args.arch, mode, format_name, rates), flush=True)
+            measurement = measure_setting(args.arch, args.ksize, mode, format_name, setting, args)
+            print(format_result(args.arch, mode, format_name, measurement), flush=True)
     return 0
 
 

@@ -1,0 +1,53 @@
+"""scripts/benchmark.py runs end to end and prints what docs/performance.md quotes.
+
+These check the output's shape and the summary arithmetic, never a speed: timings
+on a shared machine belong in the benchmark's printout, not in an assertion.
+"""
+import re
+
+import pytest
+
+from benchmark import REFERENCE_ROLE, summarise
+from conftest import run_script
+
+RATIO = r"\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)"
+
+
+def test_paired_ratios_compare_each_repetition_with_its_own_reference():
+    # Repetition 2 is slow for everyone alike (a load spike); paired ratios ignore it.
+    seconds = {REFERENCE_ROLE: [1.0, 3.0, 1.0], "project": [1.25, 3.75, 1.25]}
+    measurement = summarise(seconds, images_per_repetition=10)
+    assert measurement.rates == {REFERENCE_ROLE: 10.0, "project": 8.0}
+    assert measurement.ratios["project"].median == pytest.approx(0.8)
+    assert measurement.ratios["project"].low == pytest.approx(0.8)
+    assert measurement.ratios["project"].high == pytest.approx(0.8)
+    assert REFERENCE_ROLE not in measurement.ratios
+
+
+def test_model_benchmark_prints_every_mode_and_format_with_ratios():
+    result = run_script(
+        "scripts/benchmark.py", "model", "-a", "eca_resnet18", "--batch-size", "2", "--image-size", "32",
+        "--repeats", "2", "--warmup", "1", "--control", timeout=300, check=True,
+    )
+    rows = [line for line in result.stdout.splitlines() if line.startswith("eca_resnet18")]
+    assert [row.split()[1:3] for row in rows] == [
+        ["train", "NCHW"], ["train", "channels_last"], ["inference", "NCHW"], ["inference", "channels_last"]
+    ]
+    for row in rows:
+        for role in ("project", "original", "control"):
+            assert re.search(rf"{role}/tv {RATIO}", row), row
+
+
+def test_loader_benchmark_ends_with_the_projects_rate(tiny_data):
+    result = run_script(
+        "scripts/benchmark.py", "loader", tiny_data, "-j", "1", "-b", "4", "--batches", "2", "--warmup", "1",
+        "--repeats", "1", "--crop-size", "32", timeout=300, check=True,
+    )
+    assert re.search(r"original .* img/s", result.stdout)
+    assert re.search(r"\d+(\.\d+)? img/s\s*$", result.stdout.strip().splitlines()[-1])
+
+
+def test_model_benchmark_refuses_bad_arguments_in_one_line():
+    result = run_script("scripts/benchmark.py", "model", "-a", "resnet50")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "resnet50" in result.stderr
