@@ -18,7 +18,13 @@ how far the machine's noise alone moves a ratio.
 
     python scripts/benchmark.py loader data/bench -j 2 -b 32 --batches 12
 
-On a CUDA machine the same command times the GPU (``--amp`` and ``--compile``
+``profile``: torch.profiler's self time per operator for the same models and
+settings as ``model``, the operators where the project's model and
+torchvision's differ most first: where ECA's cost goes.
+
+    python scripts/benchmark.py profile -a eca_resnet50 --modes train --formats NCHW
+
+On a CUDA machine the same commands time the GPU (``--amp`` and ``--compile``
 apply there and on the CPU alike).
 
 To add a subcommand: write ``add_<name>_arguments(parser)`` and ``run_<name>(args)``
@@ -206,23 +212,78 @@ def measure_round_robin(
     return summarise(seconds, iterations * setting.batch_size)
 
 
+def build_steps(
+    arch: str, k_size: Optional[str], mode: str, format_name: str, setting: Setting, seed: int, control: bool = False
+) -> Dict[str, Callable[[], None]]:
+    """One step function per model (project, original, torchvision[, control]) for a mode and memory format."""
+    memory_format = MEMORY_FORMATS[format_name]
+    train = mode == "train"
+    torch.manual_seed(seed)
+    models = {
+        role: prepare(model, memory_format, setting, train)
+        for role, model in build_models(arch, k_size, setting.num_classes, control).items()
+    }
+    images, targets = make_batch(setting, memory_format)
+    return {
+        role: train_step_fn(model, images, targets, setting) if train else inference_step_fn(model, images, setting)
+        for role, model in models.items()
+    }
+
+
 def measure_setting(
     arch: str, k_size: Optional[str], mode: str, format_name: str, setting: Setting, args: argparse.Namespace
 ) -> Measurement:
     """Images/s of the models for one mode (train/inference) and memory format."""
-    memory_format = MEMORY_FORMATS[format_name]
-    train = mode == "train"
-    torch.manual_seed(args.seed)
-    models = {
-        role: prepare(model, memory_format, setting, train)
-        for role, model in build_models(arch, k_size, setting.num_classes, args.control).items()
-    }
-    images, targets = make_batch(setting, memory_format)
-    steps = {
-        role: train_step_fn(model, images, targets, setting) if train else inference_step_fn(model, images, setting)
-        for role, model in models.items()
-    }
+    steps = build_steps(arch, k_size, mode, format_name, setting, args.seed, args.control)
     return measure_round_robin(steps, args.repeats, args.warmup, args.iterations, setting)
+
+
+def profile_steps(
+    steps: Dict[str, Callable[[], None]], warmup: int, profiled_steps: int, on_gpu: bool
+) -> Dict[str, Dict[str, float]]:
+    """Self time in ms per step of every operator, per model, from torch.profiler (GPU time on a GPU).
+
+    Like the timing, the profile interleaves the models (one profiled step of
+    each per round, the first model rotating), so that no model pays alone for
+    a cold start or a load spike.
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    totals: Dict[str, Dict[str, float]] = {name: {} for name in names}
+    for round_index in range(profiled_steps):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            with torch.profiler.profile(activities=activities) as profiler:
+                steps[name]()
+                synchronize(torch.device("cuda") if on_gpu else torch.device("cpu"))
+            for event in profiler.key_averages():
+                self_time = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+                totals[name][event.key] = totals[name].get(event.key, 0.0) + self_time / profiled_steps / 1e3
+    return totals
+
+
+def format_profile(profiles: Dict[str, Dict[str, float]], top: int) -> List[str]:
+    """The operators whose time differs most between the project's model and torchvision's, then totals."""
+    roles = list(profiles)
+    operators = set().union(*profiles.values())
+
+    def time_of(role: str, operator: str) -> float:
+        return profiles[role].get(operator, 0.0)
+
+    def extra(operator: str) -> float:
+        return abs(time_of("project", operator) - time_of(REFERENCE_ROLE, operator))
+
+    header = f"{'operator (self time, ms per step)':<48}" + "".join(f"{role:>13}" for role in roles)
+    lines = [header]
+    for operator in sorted(operators, key=extra, reverse=True)[:top]:
+        lines.append(f"{operator[:47]:<48}" + "".join(f"{time_of(role, operator):13.2f}" for role in roles))
+    lines.append(f"{'total':<48}" + "".join(f"{sum(profiles[role].values()):13.2f}" for role in roles))
+    return lines
 
 
 def format_result(arch: str, mode: str, format_name: str, measurement: Measurement) -> str:
@@ -238,17 +299,14 @@ def describe_machine(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, OMP_NUM_THREADS {threads}), torch {torch.__version__}"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the models are and how they run: shared by ``model`` and ``profile``."""
     parser.add_argument("-a", "--arch", default="eca_resnet50", choices=sorted(ARCHITECTURES))
     parser.add_argument("--ksize", default=None, help="ECA kernel sizes (e.g. 3557); the architecture's default if omitted")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per model (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions per model first")
-    parser.add_argument(
-        "--iterations", type=int, default=None, help="steps per timed repetition (default: 1 on CPU, 20 on CUDA)"
-    )
     parser.add_argument("--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"])
     parser.add_argument("--formats", nargs="+", default=list(MEMORY_FORMATS), choices=list(MEMORY_FORMATS))
     parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
@@ -258,19 +316,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control",
         action="store_true",
-        help="also time a second torchvision model with the same weights: its ratio shows the noise floor",
+        help="also run a second torchvision model with the same weights: its ratio shows the noise floor",
     )
 
 
-def run_model(args: argparse.Namespace) -> int:
-    """Images/s of the project's model vs the original formulation vs torchvision, train and inference."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per model (the median is reported)")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="steps per timed repetition (default: 1 on CPU, 20 on CUDA)"
+    )
+
+
+def make_setting(args: argparse.Namespace) -> Setting:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         # Let cuDNN pick its fastest kernels for every model alike, as a training run would.
         torch.backends.cudnn.benchmark = True
-    if args.iterations is None:
-        args.iterations = 20 if device.type == "cuda" else 1
-    setting = Setting(
+    return Setting(
         device=device,
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -278,7 +341,14 @@ def run_model(args: argparse.Namespace) -> int:
         amp_dtype=AMP_DTYPES[args.amp],
         compile=args.compile,
     )
-    print(f"machine: {describe_machine(device)}")
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """Images/s of the project's model vs the original formulation vs torchvision, train and inference."""
+    setting = make_setting(args)
+    if args.iterations is None:
+        args.iterations = 20 if setting.device.type == "cuda" else 1
+    print(f"machine: {describe_machine(setting.device)}")
     print(
         f"batch {args.batch_size}, {args.image_size} px, {args.repeats} interleaved repetitions of "
         f"{args.iterations} step(s) after {args.warmup} warm-up; images/s: medians; X/tv: median "
@@ -291,10 +361,30 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--steps", type=int, default=4, help="profiled steps per model (after --warmup)")
+    parser.add_argument("--top", type=int, default=15, help="operators listed, those that differ most first")
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """torch.profiler self time per operator: where the project's model spends more or less than torchvision's."""
+    setting = make_setting(args)
+    print(f"machine: {describe_machine(setting.device)}")
+    print(f"batch {args.batch_size}, {args.image_size} px, {args.steps} profiled step(s) after {args.warmup} warm-up")
+    for mode in args.modes:
+        for format_name in args.formats:
+            steps = build_steps(args.arch, args.ksize, mode, format_name, setting, args.seed, args.control)
+            print(f"\n{args.arch} {mode} {format_name}")
+            print("\n".join(format_profile(profile_steps(steps, args.warmup, args.steps, setting.device.type == "cuda"), args.top)), flush=True)
+    return 0
+
+
 # Subcommand name -> (argument declaration, runner).
 SUBCOMMANDS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "model": (add_model_arguments, run_model),
     "loader": (add_loader_arguments, run_loader),
+    "profile": (add_profile_arguments, run_profile),
 }
 
 

@@ -51,3 +51,20 @@ def test_model_benchmark_refuses_bad_arguments_in_one_line():
     result = run_script("scripts/benchmark.py", "model", "-a", "resnet50")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "resnet50" in result.stderr
+
+
+def test_profile_lists_operators_for_every_model():
+    result = run_script(
+        "scripts/benchmark.py", "profile", "-a", "eca_resnet18", "--batch-size", "2", "--image-size", "32",
+        "--warmup", "1", "--steps", "1", "--modes", "train", "--formats", "NCHW", "--top", "5",
+        timeout=300, check=True,
+    )
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("operator"))
+    assert header.split()[-3:] == ["project", "original", "torchvision"]
+    table = lines[lines.index(header) + 1 :]
+    assert len(table) == 6 and table[-1].startswith("total")
+    totals = [float(value) for value in table[-1].split()[1:]]
+    assert len(totals) == 3 and all(total > 0 for total in totals)
+    # The ECA layers' own work shows up: ops torchvision's ResNet-18 does not run at all.
+    assert any(line.startswith("ECA") or "addcmul" in line for line in table[:-1])
