@@ -13,8 +13,8 @@ import functools
 import logging
 import os
 import pickle
-import shutil
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -25,13 +25,11 @@ from torch import nn
 
 import models
 from models.kernel_sizes import KernelSpec, format_kernel_sizes
+from models.state_dicts import strip_wrapper_prefixes
 
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
 
 @dataclass
 class Checkpoint:
@@ -63,21 +61,6 @@ def as_float(value: Any) -> Optional[float]:
     if isinstance(value, torch.Tensor):
         return float(value.detach().cpu().item())
     return float(value)
-
-
-def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Drop the leading ``module.`` (DataParallel, DDP) and ``_orig_mod.`` (torch.compile) of every key."""
-    stripped = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    changed = True
-        stripped[key] = value
-    return stripped
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .eca_resnet import ResNet, eca_resnet18, eca_resnet34, eca_resnet50, eca_resnet101, eca_resnet152
 from .kernel_sizes import KernelSpec
+from .state_dicts import strip_wrapper_prefixes
 
 if TYPE_CHECKING:
     # torchvision's detection package takes about a second to import; only detection users pay for it.
@@ -37,7 +38,6 @@ RESNET_CONSTRUCTORS = {
 }
 # Deepest first, so that ``trainable_layers=n`` unfreezes the n stages nearest the detection heads.
 TRAINABLE_IN_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 HEAD_PREFIX = "fc."
 
 
@@ -110,14 +110,7 @@ def eca_resnet_fpn_backbone(
 
 def _trunk_state_dict(weights: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The weights without wrapper prefixes and without the ImageNet classifier."""
-    trunk = {}
-    for key, value in weights.items():
-        for prefix in WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        if not key.startswith(HEAD_PREFIX):
-            trunk[key] = value
-    return trunk
+    return {key: value for key, value in strip_wrapper_prefixes(weights).items() if not key.startswith(HEAD_PREFIX)}
 
 
 def _kernel_sizes_of(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, ...]:

@@ -130,3 +130,11 @@ def test_weights_of_another_depth_are_refused():
     weights = models.eca_resnet18().state_dict()
     with pytest.raises(ValueError, match="do not fit eca_resnet34"):
         eca_resnet_fpn_backbone("eca_resnet34", weights=weights)
+
+
+def test_weights_saved_through_nested_wrappers_load():
+    """torch.compile over DDP saves '_orig_mod.module.<name>': every leading wrapper goes, in any order."""
+    classifier = models.eca_resnet18(num_classes=10)
+    weights = {"_orig_mod.module." + key: value for key, value in classifier.state_dict().items()}
+    backbone = eca_resnet_fpn_backbone("eca_resnet18", weights=weights)
+    assert torch.equal(backbone.body.layer1[0].eca.conv.weight, classifier.layer1[0].eca.conv.weight)
