@@ -221,11 +221,6 @@ def header(args, ctx, model, batch, classes, train_images, val_images, output_di
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def models_num_classes(model: nn.Module) -> int:
-    head = model.fc if hasattr(model, "fc") else model.classifier[-1]
-    return head.out_features
-
-
 def restore(parts: TrainParts, ckpt: Checkpoint, args) -> ResumePoint:
     """Put back everything the file holds; the original's release files hold less, which is said."""
     contents = ckpt.contents
@@ -434,7 +429,7 @@ class TrainingRun:
             "seed": self.seed,
             "kernel_sizes": list(model.kernel_sizes),
             "class_names": self.classes,
-            "num_classes": models_num_classes(model),
+            "num_classes": model.num_classes,
             "args": serialisable_args(self.args),
         }
 

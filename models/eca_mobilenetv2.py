@@ -130,6 +130,10 @@ class ECA_MobileNetV2(nn.Module):
         # Two successive means, as the original, so float64 logits agree to the last bit.
         return self.classifier(features.mean(-1).mean(-1))
 
+    @property
+    def num_classes(self) -> int:
+        return self.classifier[-1].out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

@@ -139,6 +139,10 @@ class ResNet(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(features), 1))
 
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

@@ -209,12 +209,6 @@ def format_text(prediction: Prediction, class_names: Optional[List[str]]) -> str
     return "\n".join(lines)
 
 
-def count_classes(model: torch.nn.Module, device: torch.device) -> int:
-    # Through the head every architecture has, rather than each one's classifier attribute.
-    with torch.inference_mode():
-        return int(model.forward_head(torch.zeros(1, model.num_features, 1, 1, device=device)).shape[1])
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -227,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     model, checkpoint = load_model(args.resume, arch=args.arch, map_location="cpu")
     model.eval().to(device)
-    num_classes = count_classes(model, device)
+    num_classes = model.num_classes
     class_names = resolve_class_names(args.class_names, checkpoint.contents, num_classes)
     resize_size, crop_size = resolve_sizes(args.resize_size, args.crop_size, checkpoint.contents)
 

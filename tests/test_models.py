@@ -178,6 +178,7 @@ def test_models_run_at_any_input_size(arch, size, grid):
     assert features.shape == (1, FEATURE_CHANNELS[arch], *grid)
     assert model.num_features == FEATURE_CHANNELS[arch]
     assert logits.shape == (1, 10)
+    assert model.num_classes == 10
     assert torch.isfinite(logits).all()
     assert torch.equal(head, logits)
 
