@@ -70,17 +70,22 @@ def check_data_root(root: str, need_train: bool) -> List[str]:
     return classes
 
 
+def image_files(folder: str) -> List[str]:
+    """Every file under ``folder`` (recursively, symlinks followed) named as an image, sorted."""
+    return sorted(
+        os.path.join(dirpath, filename)
+        for dirpath, _, filenames in os.walk(folder, followlinks=True)
+        for filename in filenames
+        if filename.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
 def list_samples(split_dir: str, classes: Sequence[str]) -> List[Tuple[str, int]]:
     """Every image file under ``split_dir/CLASS``, in a fixed order, with its class index."""
     samples: List[Tuple[str, int]] = []
     for index, name in enumerate(classes):
         folder = os.path.join(split_dir, name)
-        files = sorted(
-            os.path.join(dirpath, filename)
-            for dirpath, _, filenames in os.walk(folder, followlinks=True)
-            for filename in filenames
-            if filename.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = image_files(folder)
         if not files:
             raise UsageError(
                 f"class folder {folder!r} has no images ({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder"

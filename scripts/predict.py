@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import models  # noqa: E402
 from engine.checkpoint import load_model  # noqa: E402
 from engine.config import ArgumentParser  # noqa: E402
-from engine.data import IMAGE_EXTENSIONS, BatchPreparer, ValTransform, decode_rgb  # noqa: E402
+from engine.data import IMAGE_EXTENSIONS, BatchPreparer, ValTransform, decode_rgb, image_files  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
 
 DEFAULT_RESIZE_SIZE = 256
@@ -62,7 +62,7 @@ def collect_images(paths: Sequence[str]) -> List[str]:
     images: List[str] = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(_images_under(path))
+            found = image_files(path)
             if not found:
                 raise UsageError(f"folder {path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             images.extend(found)
@@ -71,13 +71,6 @@ def collect_images(paths: Sequence[str]) -> List[str]:
         else:
             raise UsageError(f"image or folder {path!r} does not exist")
     return images
-
-
-def _images_under(folder: str) -> Iterator[str]:
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                yield os.path.join(directory, name)
 
 
 def read_class_names(path: str) -> List[str]:
