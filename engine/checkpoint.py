@@ -240,6 +240,18 @@ def check_fits_architecture(arch: str, ckpt: Checkpoint) -> None:
     )
 
 
+def build_model(arch: str, k_size: KernelSpec = None, num_classes: int = 1000) -> nn.Module:
+    """A fresh model; bad kernel sizes or an unknown name become a :class:`UsageError`."""
+    if arch not in models.ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(models.ARCHITECTURES)}")
+    if num_classes < 1:
+        raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
+    try:
+        return models.ARCHITECTURES[arch](k_size=k_size, num_classes=num_classes)
+    except ValueError as error:
+        raise UsageError(f"--ksize: {error}") from None
+
+
 def model_from_checkpoint(
     arch: Optional[str], ckpt: Checkpoint, k_size: KernelSpec = None, num_classes: Optional[int] = None
 ) -> nn.Module:

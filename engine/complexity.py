@@ -40,10 +40,10 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from models import ARCHITECTURES
 from models.eca_module import eca_layer
 from models.kernel_sizes import KernelSpec
 
+from .checkpoint import build_model
 from .errors import UsageError
 
 __all__ = [
@@ -235,18 +235,6 @@ def _record_eca_costs(model: nn.Module, costs: List[EcaLayerCost]) -> List[torch
 
 
 # ---------------------------------------------------------------- public entry points
-
-
-def build_model(arch: str, k_size: KernelSpec = None, num_classes: int = 1000) -> nn.Module:
-    """A fresh model; bad kernel sizes or an unknown name become a :class:`UsageError`."""
-    if arch not in ARCHITECTURES:
-        raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    if num_classes < 1:
-        raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
-    try:
-        return ARCHITECTURES[arch](k_size=k_size, num_classes=num_classes)
-    except ValueError as error:
-        raise UsageError(f"--ksize: {error}") from None
 
 
 def _count_in_place(model: nn.Module, input_size: int) -> Tuple[int, Tuple[EcaLayerCost, ...]]:

@@ -21,12 +21,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-import models
 from models.kernel_sizes import format_kernel_sizes
 
 from .checkpoint import (
-    Checkpoint, as_float, atomic_copy, atomic_save, identify_architecture, model_from_checkpoint, read_checkpoint,
-    remove_dead_writes,
+    Checkpoint, as_float, atomic_copy, atomic_save, build_model, identify_architecture, model_from_checkpoint,
+    read_checkpoint, remove_dead_writes,
 )
 from .config import default_output_dir, dump_yaml, parse_args, serialisable_args
 from .data import (
@@ -143,20 +142,18 @@ def resolve_num_classes(args, classes: Sequence[str]) -> int:
     return args.num_classes
 
 
-def build_model(args, ckpt: Optional[Checkpoint], num_classes: int) -> nn.Module:
+def create_model(args, ckpt: Optional[Checkpoint], num_classes: int) -> nn.Module:
+    """The run's model: the ``--resume`` file's, or a new one (from ``--init-from`` where given)."""
     if ckpt is not None:
         if args.arch is None:
-            args.arch = identify_architecture(ckpt.state_dict) or "unknown"
-            if args.arch == "unknown":
+            args.arch = identify_architecture(ckpt.state_dict)
+            if args.arch is None:
                 raise UsageError(f"{args.resume!r} holds no known ECA architecture's weights")
         return model_from_checkpoint(args.arch, ckpt, k_size=args.ksize, num_classes=num_classes)
     k_size, init = args.ksize, None
     if args.init_from:
         init, k_size = read_init_checkpoint(args.init_from, args.arch, args.ksize)
-    try:
-        model = models.ARCHITECTURES[args.arch](k_size=k_size, num_classes=num_classes)
-    except ValueError as error:
-        raise UsageError(f"--ksize: {error}") from None
+    model = build_model(args.arch, k_size, num_classes)
     if init is not None:
         report = initialize_from(model, args.arch, args.init_from, init)
         for line in report.lines():
@@ -221,7 +218,7 @@ def header(args, ctx, model, batch, classes, train_images, val_images, output_di
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def restore(parts: TrainParts, ckpt: Checkpoint, args) -> ResumePoint:
+def restore(parts: TrainParts, ckpt: Checkpoint) -> ResumePoint:
     """Put back everything the file holds; the original's release files hold less, which is said."""
     contents = ckpt.contents
     point = ResumePoint(int(contents.get("epoch") or 0), int(contents.get("batches_done") or 0),
@@ -269,7 +266,7 @@ def run(args, ctx: DistContext, ckpt: Optional[Checkpoint] = None) -> None:
     check_class_names(ckpt, classes)
     seed = agree_on_seed(args, ckpt, ctx)
     seed_everything(seed)
-    model = build_model(args, ckpt, num_classes)
+    model = create_model(args, ckpt, num_classes)
     autocast = autocast_for(args, ctx.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing).to(ctx.device)
     prepare = BatchPreparer(ctx.device, args.channels_last)
@@ -289,7 +286,7 @@ def run(args, ctx: DistContext, ckpt: Optional[Checkpoint] = None) -> None:
         train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, criterion, prepare, val_loader, stop)
 
 
-def build_parts(args, ctx, model, batch, steps_per_epoch, seed, autocast, criterion, prepare, num_classes) -> TrainParts:
+def build_parts(args, ctx, model, steps_per_epoch, seed, autocast, criterion, prepare, num_classes) -> TrainParts:
     frozen = freeze_backbone(args.arch, model) if args.freeze_backbone else []
     groups = parameter_groups(args.arch, model, args.backbone_lr_scale)
     step_model, plain = prepare_model(model, args, ctx)
@@ -308,8 +305,8 @@ def build_parts(args, ctx, model, batch, steps_per_epoch, seed, autocast, criter
 
 def train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, criterion, prepare, val_loader, stop):
     train_loader, train_sampler = make_loader(args, ctx, "train", classes, batch, seed, train=True)
-    parts = build_parts(args, ctx, model, batch, len(train_loader), seed, autocast, criterion, prepare, num_classes)
-    point = restore(parts, ckpt, args) if ckpt is not None else ResumePoint()
+    parts = build_parts(args, ctx, model, len(train_loader), seed, autocast, criterion, prepare, num_classes)
+    point = restore(parts, ckpt) if ckpt is not None else ResumePoint()
     if args.start_epoch is not None:
         point.epoch, point.step = args.start_epoch, 0
     if ckpt is not None:

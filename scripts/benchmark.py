@@ -49,7 +49,8 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.config import ArgumentParser  # noqa: E402
-from engine.errors import run_cli  # noqa: E402
+from engine.checkpoint import build_model  # noqa: E402
+from engine.errors import UsageError, run_cli  # noqa: E402
 from models import ARCHITECTURES  # noqa: E402
 from models.eca_mobilenetv2 import ECA_MobileNetV2  # noqa: E402
 from models.eca_resnet import ResNet  # noqa: E402
@@ -132,16 +133,20 @@ def build_models(arch: str, k_size: Optional[str], num_classes: int, control: bo
 
     With ``control``, also a second torchvision model with the first one's weights.
     """
-    project = ARCHITECTURES[arch](k_size=k_size, num_classes=num_classes)
+    project = build_model(arch, k_size, num_classes)
     if isinstance(project, ResNet):
         original = original_model(arch, project.kernel_sizes, num_classes)
     elif isinstance(project, ECA_MobileNetV2):
         original = original_model(arch, num_classes=num_classes)
     else:
         raise ValueError(f"no original formulation for {arch}")
-    # strict loading proves the two compute with the same module tree (MobileNetV2's
-    # original only knows the released kernel rule, so other --ksize values fail here).
-    original.load_state_dict(project.state_dict())
+    # Strict loading proves the two compute with the same module tree.
+    try:
+        original.load_state_dict(project.state_dict())
+    except RuntimeError:
+        raise UsageError(
+            f"--ksize {k_size}: the original {arch} knows only the released kernel sizes; drop --ksize"
+        ) from None
     reference = getattr(torchvision.models, TORCHVISION_COUNTERPART[arch])(num_classes=num_classes)
     models = {"project": project, "original": original, REFERENCE_ROLE: reference}
     if control:

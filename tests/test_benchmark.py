@@ -68,3 +68,16 @@ def test_profile_lists_operators_for_every_model():
     assert len(totals) == 3 and all(total > 0 for total in totals)
     # The ECA layers' own work shows up: ops torchvision's ResNet-18 does not run at all.
     assert any(line.startswith("ECA") or "addcmul" in line for line in table[:-1])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["model", "-a", "eca_resnet18", "--ksize", "35x7"], "'x' is not an integer"),
+        (["profile", "-a", "eca_mobilenet_v2", "--ksize", "5"], "drop --ksize"),
+    ],
+)
+def test_bad_kernel_sizes_are_one_line_not_a_traceback(arguments, message):
+    result = run_script("scripts/benchmark.py", *arguments, "--batch-size", "2", "--image-size", "32")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
