@@ -124,6 +124,8 @@ def summarise(seconds: Dict[str, List[float]], images_per_repetition: int) -> Me
             continue
         paired = [reference / own for reference, own in zip(seconds[REFERENCE_ROLE], values, strict=True)]
         low, median, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        # The default (exclusive) method extrapolates from fewer than three values, below zero even.
+        low, high = max(low, min(paired)), min(high, max(paired))
         ratios[role] = Ratio(median=median, low=low, high=high)
     return Measurement(rates=rates, ratios=ratios)
 

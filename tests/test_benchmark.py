@@ -24,6 +24,12 @@ def test_paired_ratios_compare_each_repetition_with_its_own_reference():
     assert REFERENCE_ROLE not in measurement.ratios
 
 
+def test_quartiles_stay_within_the_measured_ratios():
+    seconds = {REFERENCE_ROLE: [1.0, 1.0], "project": [1.0, 2.0]}
+    ratio = summarise(seconds, images_per_repetition=1).ratios["project"]
+    assert 0.5 <= ratio.low <= ratio.median <= ratio.high <= 1.0
+
+
 def test_model_benchmark_prints_every_mode_and_format_with_ratios():
     result = run_script(
         "scripts/benchmark.py", "model", "-a", "eca_resnet18", "--batch-size", "2", "--image-size", "32",
