@@ -13,6 +13,7 @@ import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
 EXIT_USAGE = 2
+EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -40,16 +41,11 @@ def report_and_exit(action: Callable[[], object]) -> NoReturn:
     prog = os.path.basename(sys.argv[0]) or "eca"
     try:
         action()
-    except UsageError as error:
+    except (UsageError, JobFailed) as error:
         if os.environ.get("ECA_DEBUG"):
             raise
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USAGE)
-    except JobFailed as error:
-        if os.environ.get("ECA_DEBUG"):
-            raise
-        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(EXIT_USAGE if isinstance(error, UsageError) else EXIT_JOB_FAILED)
     except Interrupted as stop:
         print(f"{prog}: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
