@@ -13,9 +13,12 @@ that never stopped.
 Unreadable images (empty files, broken JPEGs, text named ``.JPEG``) are
 skipped and reported by path, unless ``--strict-data`` makes them fatal.
 """
+import atexit
 import math
+import multiprocessing
 import os
 import re
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -297,6 +300,9 @@ class SeededSampler(Sampler):
 def build_loader(
     dataset: SeededImageFolder, sampler: SeededSampler, batch_size: int, workers: int, ctx: DistContext, drop_last: bool
 ) -> DataLoader:
+    if workers > 0:
+        # Runs before multiprocessing's own exit handler (atexit is last in, first out).
+        atexit.register(kill_loader_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -368,9 +374,24 @@ def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave SIGINT/SIGTERM to the main process, which stops at a step boundary.
 
     Without this a Ctrl-C kills the workers first and the main process fails
-    fetching the next batch instead of saving a checkpoint.
+    fetching the next batch instead of saving a checkpoint. The price is that
+    SIGTERM no longer ends them: see :func:`kill_loader_workers`.
     """
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def kill_loader_workers() -> None:
+    """At exit, SIGKILL the loader workers still alive (daemonic children).
+
+    A run that ends on an exception keeps its loaders referenced from the
+    traceback until the interpreter is gone, so their persistent workers are
+    still waiting for work when multiprocessing's exit handler sends them
+    SIGTERM, which they ignore, and joins them: the process would hang for
+    ever after printing the error. Daemonic children are never meant to
+    outlive the main process, so killing them outright loses nothing.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()

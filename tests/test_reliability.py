@@ -501,3 +501,23 @@ def test_strict_data_makes_an_unreadable_image_fatal_in_one_line(data_with_unrea
     assert_fails_cleanly(result, "unreadable image", "--strict-data")
     named = re.search(r"unreadable image '([^']+)'", result.stderr).group(1)
     assert named in bad
+
+
+def test_an_unexpected_error_with_loader_workers_exits_instead_of_hanging(tmp_path, tiny_data):
+    """Workers ignore SIGTERM (preemption must reach the main process first), so exit has to kill them."""
+    script = tmp_path / "bug_in_step.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from engine.data import SeededImageFolder, SeededSampler, ValTransform, build_loader, check_data_root, list_samples\n"
+        "from engine.distributed import DistContext\n"
+        f"classes = check_data_root({tiny_data!r}, need_train=True)\n"
+        f"dataset = SeededImageFolder(list_samples({tiny_data!r} + '/val', classes), ValTransform(36, 32))\n"
+        "context = DistContext()\n"
+        "loader = build_loader(dataset, SeededSampler(len(dataset), context, 0, shuffle=False), 2, 1, context, False)\n"
+        "for batch in loader:\n"
+        "    raise ZeroDivisionError('a bug in the training step')\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "ZeroDivisionError: a bug in the training step" in result.stderr
