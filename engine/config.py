@@ -190,6 +190,21 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--label-smoothing must be in [0, 1)")
     if args.mixup_alpha < 0 or args.cutmix_alpha < 0:
         raise UsageError("--mixup-alpha and --cutmix-alpha must be 0 (off) or positive")
+    for name in ("momentum", "weight_decay", "warmup_epochs", "backbone_lr_scale"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("lr_gamma", "dist_timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("lr_step_size", "model_ema_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.start_epoch is not None and args.start_epoch < 0:
+        raise UsageError("--start-epoch must be 0 or more")
+    if not 0.0 <= args.model_ema_decay <= 1.0:
+        raise UsageError("--model-ema-decay must be in [0, 1]")
+    if args.clip_grad_norm is not None and args.clip_grad_norm <= 0:
+        raise UsageError("--clip-grad-norm must be positive (leave it out to not clip)")
     if args.gpu is not None and args.device not in (None, "cuda", f"cuda:{args.gpu}"):
         raise UsageError(f"--gpu {args.gpu} and --device {args.device} disagree: pass one of them")
 

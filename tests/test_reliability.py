@@ -257,6 +257,15 @@ BAD_FLAGS = {
     "a --config that is not YAML": (["--config", "{not_yaml}"], ["not valid YAML"]),
     "a --config with unknown keys": (["--config", "{unknown_keys}"], ["unknown keys", "learning_rat"]),
     "a --config that is a list": (["--config", "{a_list}"], ["mapping"]),
+    # Each of these used to train with nonsense, end in a traceback, or hang on a ZeroDivisionError.
+    "a negative --momentum": (["--momentum", "-1"], ["--momentum"]),
+    "a negative --wd": (["--wd", "-1"], ["--weight-decay"]),
+    "a negative --start-epoch": (["--start-epoch", "-1"], ["--start-epoch"]),
+    "--model-ema-steps 0": (["--model-ema", "--model-ema-steps", "0"], ["--model-ema-steps"]),
+    "a negative --lr-gamma": (["--lr-gamma", "-1"], ["--lr-gamma"]),
+    "--lr-step-size 0": (["--lr-step-size", "0"], ["--lr-step-size"]),
+    "--model-ema-decay above 1": (["--model-ema-decay", "2"], ["--model-ema-decay"]),
+    "a negative --clip-grad-norm": (["--clip-grad-norm", "-1"], ["--clip-grad-norm"]),
 }
 
 
