@@ -38,6 +38,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def require_at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+    """One line naming the first of ``names`` below ``minimum``: 'must be a positive integer' or 'must be 0 or more'."""
+    wanted = "a positive integer" if minimum == 1 else f"{minimum:g} or more"
+    for name in names:
+        if getattr(args, name) < minimum:
+            raise UsageError(f"{flag_name(name)} must be {wanted}")
+
+
 def build_parser(recipe: str) -> ArgumentParser:
     defaults = RECIPES[recipe]
     parser = ArgumentParser(
@@ -173,8 +185,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.resume and args.init_from:
         raise UsageError("--resume continues a run and --init-from starts a new one: pass only one of them")
     for name in ("epochs", "batch_size", "print_freq"):
-        if getattr(args, name) is None or getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+        if getattr(args, name) is None:
+            raise UsageError(f"{flag_name(name)} must be a positive integer")
+    require_at_least(args, 1, "epochs", "batch_size", "print_freq")
     if args.workers is not None and args.workers < 0:
         raise UsageError("-j/--workers must be 0 or more")
     if args.lr is None or args.lr <= 0:
@@ -190,15 +203,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--label-smoothing must be in [0, 1)")
     if args.mixup_alpha < 0 or args.cutmix_alpha < 0:
         raise UsageError("--mixup-alpha and --cutmix-alpha must be 0 (off) or positive")
-    for name in ("momentum", "weight_decay", "warmup_epochs", "backbone_lr_scale"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more")
+    require_at_least(args, 0, "momentum", "weight_decay", "warmup_epochs", "backbone_lr_scale")
     for name in ("lr_gamma", "dist_timeout"):
         if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("lr_step_size", "model_ema_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+            raise UsageError(f"{flag_name(name)} must be positive")
+    require_at_least(args, 1, "lr_step_size", "model_ema_steps")
     if args.start_epoch is not None and args.start_epoch < 0:
         raise UsageError("--start-epoch must be 0 or more")
     if not 0.0 <= args.model_ema_decay <= 1.0:

@@ -109,6 +109,19 @@ def plan_from_environment(args, spawned_index: Optional[int] = None) -> LaunchPl
     return LaunchPlan(0, 1, 0, 1, None)
 
 
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device`` of the scripts: the named device, or cuda when available, else cpu; a bad name is a UsageError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
 def choose_device(args, local_rank: int) -> torch.device:
     if not wants_cuda(args):
         if args.device not in (None, "cpu"):

@@ -48,7 +48,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine.config import ArgumentParser  # noqa: E402
+from engine.config import ArgumentParser, require_at_least  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
 from engine.checkpoint import build_model  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
 from models import ARCHITECTURES  # noqa: E402
@@ -336,7 +337,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_setting(args: argparse.Namespace) -> Setting:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    require_at_least(args, 1, "batch_size", "image_size", "num_classes")
+    require_at_least(args, 0, "warmup")
+    device = resolve_device(args.device)
     if device.type == "cuda":
         # Let cuDNN pick its fastest kernels for every model alike, as a training run would.
         torch.backends.cudnn.benchmark = True
@@ -353,6 +356,9 @@ def make_setting(args: argparse.Namespace) -> Setting:
 def run_model(args: argparse.Namespace) -> int:
     """Images/s of the project's model vs the original formulation vs torchvision, train and inference."""
     setting = make_setting(args)
+    require_at_least(args, 1, "repeats")
+    if args.iterations is not None:
+        require_at_least(args, 1, "iterations")
     if args.iterations is None:
         args.iterations = 20 if setting.device.type == "cuda" else 1
     print(f"machine: {describe_machine(setting.device)}")
@@ -377,6 +383,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 def run_profile(args: argparse.Namespace) -> int:
     """torch.profiler self time per operator: where the project's model spends more or less than torchvision's."""
     setting = make_setting(args)
+    require_at_least(args, 1, "steps", "top")
     print(f"machine: {describe_machine(setting.device)}")
     print(f"batch {args.batch_size}, {args.image_size} px, {args.steps} profiled step(s) after {args.warmup} warm-up")
     for mode in args.modes:

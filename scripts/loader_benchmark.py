@@ -27,11 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from engine.config import require_at_least
 from engine.data import (
     IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, build_loader,
     list_samples,
 )
-from engine.distributed import DistContext
+from engine.distributed import DistContext, resolve_device
 from engine.errors import UsageError
 
 PIPELINES = ("project", "original")
@@ -103,7 +104,13 @@ def run_loader(args: argparse.Namespace) -> int:
     root = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.data, "train")) else args.data
     if not os.path.isdir(root) or not any(entry.is_dir() for entry in os.scandir(root)):
         raise UsageError(f"{args.data!r} holds no class folders: pass an ImageFolder root (or one with train/)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    require_at_least(args, 1, "batch_size", "batches", "repeats", "crop_size")
+    require_at_least(args, 0, "workers", "warmup")
+    images = len(list_samples(root, sorted(entry.name for entry in os.scandir(root) if entry.is_dir())))
+    if args.batch_size > images:
+        # Full batches only: a larger batch than the dataset would never yield one.
+        raise UsageError(f"-b {args.batch_size} is more than the {images} images of {root!r}: use a smaller batch")
+    device = resolve_device(args.device)
     ctx = DistContext(device=device)
     makers: Dict[str, Callable[[], DataLoader]] = {
         "project": lambda: project_loader(root, args.crop_size, args.batch_size, args.workers, ctx),

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import models  # noqa: E402
 from engine.checkpoint import load_model  # noqa: E402
 from engine.config import ArgumentParser  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
 from engine.data import IMAGE_EXTENSIONS, BatchPreparer, ValTransform, decode_rgb, image_files  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
 
@@ -105,8 +106,9 @@ def resolve_class_names(names_file: Optional[str], contents: Mapping[str, Any], 
 def resolve_sizes(resize_size: Optional[int], crop_size: Optional[int], contents: Mapping[str, Any]) -> Tuple[int, int]:
     """The validation sizes: the flags, else the checkpoint's training arguments, else 256 / 224."""
     saved = contents.get("args") if isinstance(contents.get("args"), Mapping) else {}
-    crop = crop_size or _positive_int(saved.get("val_crop_size")) or DEFAULT_CROP_SIZE
-    resize = resize_size or _positive_int(saved.get("val_resize_size"))
+    # An explicit 0 must reach the check below, not fall through to a default.
+    crop = crop_size if crop_size is not None else _positive_int(saved.get("val_crop_size")) or DEFAULT_CROP_SIZE
+    resize = resize_size if resize_size is not None else _positive_int(saved.get("val_resize_size"))
     if resize is None:
         # Keep ImageNet's 256 / 224 ratio for any other crop.
         resize = round(crop * DEFAULT_RESIZE_SIZE / DEFAULT_CROP_SIZE)
@@ -119,18 +121,6 @@ def resolve_sizes(resize_size: Optional[int], crop_size: Optional[int], contents
 
 def _positive_int(value: Any) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
 
 
 # --- prediction --------------------------------------------------------------------------------

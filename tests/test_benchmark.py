@@ -100,3 +100,33 @@ def test_bad_kernel_sizes_are_one_line_not_a_traceback(arguments, message):
     result = run_script("scripts/benchmark.py", *arguments, "--batch-size", "2", "--image-size", "32")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["model", "--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["model", "--repeats", "0"], "--repeats must be a positive integer"),
+        (["model", "--device", "foo"], "--device 'foo' is not a device"),
+        (["profile", "--steps", "0"], "--steps must be a positive integer"),
+    ],
+)
+def test_bad_numbers_and_devices_are_one_line(arguments, message):
+    result = run_script("scripts/benchmark.py", *arguments)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"benchmark.py: error: {message}")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["-b", "0"], "--batch-size must be a positive integer"),
+        (["--batches", "0"], "--batches must be a positive integer"),
+        (["-b", "100000"], "is more than the"),
+    ],
+)
+def test_loader_refuses_batches_it_could_never_deliver(tiny_data, arguments, message):
+    result = run_script("scripts/benchmark.py", "loader", tiny_data, *arguments, timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

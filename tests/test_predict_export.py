@@ -159,6 +159,12 @@ def test_validation_sizes(resize_size, crop_size, saved_args, expected):
     assert predict.resolve_sizes(resize_size, crop_size, {"args": saved_args}) == expected
 
 
+@pytest.mark.parametrize("resize_size, crop_size", [(0, None), (None, 0), (-5, 32)])
+def test_zero_or_negative_sizes_are_refused_not_replaced_by_defaults(resize_size, crop_size):
+    with pytest.raises(UsageError, match="must be positive"):
+        predict.resolve_sizes(resize_size, crop_size, {"args": {}})
+
+
 def test_missing_image_is_one_line_and_exit_2_as_a_user_runs_it(tmp_path, dog_checkpoint):
     missing = tmp_path / "no_such.jpg"
     result = run_script("scripts/predict.py", "--resume", dog_checkpoint, missing, "--device", "cpu")
