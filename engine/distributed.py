@@ -157,16 +157,25 @@ def init_distributed(args, spawned_index: Optional[int] = None) -> DistContext:
     return DistContext(plan.rank, plan.world_size, plan.local_rank, plan.local_world_size, device)
 
 
+# gloo's messages for a peer that closed its connection or stopped answering, as they appear without the transport's path.
+GLOO_PEER_FAILURES = ("Application timeout caused pair closure", "Connection closed by peer", "Connection reset by peer")
+
+
 def is_lost_peer(error: BaseException) -> bool:
     """Whether ``error`` is a collective failing because another process died or stopped answering.
 
     NCCL and the store raise ``DistError`` subclasses; gloo raises a plain
-    RuntimeError that names its transport ("Connection reset by peer",
-    "Timed out waiting ... for recv").
+    RuntimeError that usually names its transport ("[.../gloo/transport/tcp/pair.cc:534]
+    Connection reset by peer", "Timed out waiting ... for recv") but not
+    always: a timeout that hits DDP's parameter broadcast reads just
+    "Application timeout caused pair closure".
     """
     if isinstance(error, dist.DistError):
         return True
-    return isinstance(error, RuntimeError) and "gloo" in str(error)
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("gloo" in message or any(
+        phrase in message for phrase in GLOO_PEER_FAILURES
+    ))
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -2,7 +2,7 @@
 import pytest
 
 from engine.config import parse_args
-from engine.distributed import LaunchPlan, plan_from_environment
+from engine.distributed import LaunchPlan, is_lost_peer, plan_from_environment
 from engine.errors import UsageError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
@@ -59,3 +59,18 @@ def test_spawned_processes_number_the_gpus_of_every_node(clean_env, monkeypatch)
     monkeypatch.setattr("engine.distributed.visible_gpus", lambda: 4)
     args = args_for("--world-size", "2", "--rank", "1", "--dist-url", "tcp://node0:23456")
     assert plan_from_environment(args, spawned_index=3) == LaunchPlan(7, 8, 3, 4, "tcp://node0:23456")
+
+
+@pytest.mark.parametrize(
+    "message, lost",
+    [
+        ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234", True),
+        ("Application timeout caused pair closure", True),  # seen when the timeout hits DDP's broadcast
+        ("Connection reset by peer", True),
+        ("CUDA out of memory", False),
+        ("mat1 and mat2 shapes cannot be multiplied", False),
+    ],
+)
+def test_lost_peers_are_told_from_bugs(message, lost):
+    assert is_lost_peer(RuntimeError(message)) is lost
+    assert not is_lost_peer(ValueError(message))
