@@ -12,14 +12,19 @@ map. The implementation below keeps those to the minimum:
   ``relu(x * gate + shortcut)``, is written over the block's BatchNorm output
   and keeps no extra feature map for the backward
   (:class:`ECAResidualReLUFunction`);
-* backward (training, eager): hand-written :class:`torch.autograd.Function`\ s
-  that fold the mean's gradient (a per-channel constant) into the same
+* backward (training, eager): hand-written autograd functions that fold the mean's gradient (a per-channel constant) into the same
   ``addcmul`` that applies the gate to the incoming gradient, instead of
   materialising an expanded, divided copy and adding it in a further pass, and
   take the per-channel ``sum(grad * x)`` without writing the product
   (:func:`spatial_dot`);
 * the k-tap convolution across channels runs on a ``[B, C]`` matrix as k
   shifted multiply-adds, avoiding ``Conv1d``'s large fixed cost per call.
+
+That is the CPU's arithmetic, where passes over memory are the cost. On a GPU
+the passes are cheap and what ECA costs is the number of kernels launched, so
+there the layer runs the fewest operators: one ``Conv1d`` call for the channel
+correlation, and autograd's own backward, whose nodes are C++ (a Python
+``autograd.Function`` costs more host time than the launches it would save).
 
 In float64 every forward operation rounds exactly as the original module
 (``AdaptiveAvgPool2d`` -> ``Conv1d`` -> ``Sigmoid`` -> ``x * y`` -> ``+ shortcut``),
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "shifted_channel_conv", "apply_gate", "spatial_dot", "ECAGateFunction", "ECAResidualReLUFunction"]
+__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "shifted_channel_conv", "apply_gate", "spatial_dot", "ECAGateFunction", "ECAResidualReLUFunction"]
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -52,7 +57,15 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, to
     # AdaptiveAvgPool2d(1) dispatches to this very reduction; taking it as [B, C]
     # skips the [B, C, 1, 1] -> [B, 1, C] reshaping that Conv1d needs.
     means = x.mean((2, 3))
+    if launch_bound(x):
+        padding = (weight.shape[-1] - 1) // 2
+        return means, F.conv1d(means.unsqueeze(1), weight, padding=padding).squeeze(1)
     return means, shifted_channel_conv(means, weight)
+
+
+def launch_bound(x: torch.Tensor) -> bool:
+    """Whether ECA's cost on ``x``'s device is kernel launches (GPUs) rather than passes over memory (the CPU)."""
+    return x.device.type != "cpu"
 
 
 def _reference_gate_logits(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +337,9 @@ class eca_layer(nn.Module):
         """
         if _tracing():
             return F.relu(apply_gate(x, self.gate(x), shortcut))
+        if launch_bound(x) and torch.is_grad_enabled():
+            # Autograd's backward of plain ops; the fresh output can take the ReLU in place.
+            return apply_gate(x, self.gate(x), shortcut).relu_()
         weight = self.conv.weight
         if not torch.is_grad_enabled():
             return _residual_relu_(x, self.gate(x), shortcut)
@@ -333,8 +349,9 @@ class eca_layer(nn.Module):
 
     def _gated(self, x: torch.Tensor, shortcut: Optional[torch.Tensor], reuse_input: bool = False) -> torch.Tensor:
         weight = self.conv.weight
-        if _tracing():
-            # Graph capture: plain out-of-place ops that compilers and exporters understand.
+        if _tracing() or (launch_bound(x) and torch.is_grad_enabled()):
+            # Graph capture: plain out-of-place ops that compilers and exporters understand;
+            # GPU training: autograd's own backward of them, the fewest launches.
             return apply_gate(x, self.gate(x), shortcut)
         if torch.is_grad_enabled():
             return ECAGateFunction.apply(x, shortcut, weight, reuse_input)
