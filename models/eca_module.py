@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "shifted_channel_conv", "apply_gate", "spatial_dot", "ECAGateFunction", "ECAResidualReLUFunction"]
+__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormResidualReLUFunction"]
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -125,24 +125,48 @@ def _gate(logits: torch.Tensor) -> torch.Tensor:
 def spatial_dot(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(a * b).sum((2, 3))``, shaped ``[B, C]``, without writing the product where that is possible.
 
-    For contiguous NCHW tensors on the CPU, BatchNorm's backward kernel computes
-    exactly this per channel (``sum(grad * (input - mean)) * invstd`` with
-    mean 0 and invstd 1) in one vectorised read of both tensors; viewing
-    ``[B, C, H, W]`` as ``[1, B * C, H, W]`` makes its channels our (sample,
-    channel) pairs. Elsewhere the product is written, into ``scratch`` when
-    given (a spent tensor of the same shape), and summed.
+    On contiguous NCHW CPU tensors this is :func:`pair_reductions` with mean 0
+    and invstd 1. Elsewhere the product is written, into ``scratch`` when given
+    (a spent tensor of the same shape), and summed.
     """
     if _fused_dot_applies(a, b):
-        batch, channels, height, width = a.shape
-        pairs = batch * channels
-        as_channels = (1, pairs, height, width)
-        zeros = a.new_zeros(pairs)
-        ones = a.new_ones(pairs)
-        _, dot, _ = torch.ops.aten.native_batch_norm_backward(
-            a.view(as_channels), b.view(as_channels), None, None, None, zeros, ones, True, 0.0, [False, True, False]
-        )
-        return dot.view(batch, channels)
+        pairs = a.shape[0] * a.shape[1]
+        return pair_reductions(a, b, a.new_zeros(pairs), a.new_ones(pairs), per_channel=False)[1]
     return torch.mul(a, b, out=scratch).sum((2, 3))
+
+
+def pair_reductions(
+    grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, per_channel: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, channel) pair: ``sum(grad)`` and ``sum(grad * (x - mean) * invstd)`` over the map, ``[B, C]`` each.
+
+    BatchNorm's backward kernel, asked for its weight and bias gradients only,
+    computes exactly these per channel in one vectorised read of both tensors
+    and writes nothing else. Viewing a contiguous ``[B, C, H, W]`` as
+    ``[1, B * C, H, W]`` makes its channels our pairs; a channels_last tensor
+    cannot be viewed so and is reduced one sample at a time. ``mean`` and
+    ``invstd`` are per channel (``[C]``), or already per pair (``[B * C]``)
+    with ``per_channel=False``.
+    """
+    batch, channels, height, width = x.shape
+    mask = [False, True, True]
+    if x.is_contiguous() and grad.is_contiguous():
+        if per_channel:
+            mean, invstd = mean.repeat(batch), invstd.repeat(batch)
+        as_pairs = (1, batch * channels, height, width)
+        _, dot, total = torch.ops.aten.native_batch_norm_backward(
+            grad.view(as_pairs), x.view(as_pairs), None, None, None, mean, invstd, True, 0.0, mask
+        )
+        return total.view(batch, channels), dot.view(batch, channels)
+    totals, dots = [], []
+    for sample in range(batch):
+        pairs = slice(None) if per_channel else slice(sample * channels, (sample + 1) * channels)
+        _, dot, total = torch.ops.aten.native_batch_norm_backward(
+            grad[sample : sample + 1], x[sample : sample + 1], None, None, None, mean[pairs], invstd[pairs], True, 0.0, mask
+        )
+        totals.append(total)
+        dots.append(dot)
+    return torch.stack(totals), torch.stack(dots)
 
 
 def _fused_dot_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -281,6 +305,106 @@ class ECAResidualReLUFunction(torch.autograd.Function):
         return grad_x, grad_sum, grad_weight
 
 
+class ECANormResidualReLUFunction(torch.autograd.Function):
+    """``relu(eca(batch_norm(x)) + shortcut)`` in training: a ResNet block's end from its last convolution.
+
+    Folding the block's last BatchNorm (batch statistics) into the layer lets
+    one backward serve both. BatchNorm's own backward reduces ``grad`` and
+    ``grad * x_hat`` per channel and then writes the input gradient; ECA's needs
+    ``sum(grad * y)`` per (sample, channel). The per-pair sums give all of these
+    at once (the per-channel ones are their sums over the batch, and
+    ``y = weight * x_hat + bias``), so the backward reads the gradient and the
+    convolution output once for all reductions (:func:`pair_reductions`) and
+    writes the input gradient as ``a * grad + b * x + c`` with per-(sample,
+    channel) coefficients in two passes: ECA costs the block no pass over
+    memory beyond the forward's channel means. The forward is BatchNorm's own
+    kernel (running statistics updated as ``nn.BatchNorm2d`` updates them),
+    then ``relu(y * gate + shortcut)`` written over ``y``.
+
+    Saved for the backward: the convolution output (BatchNorm keeps it too), the
+    block output (which the next convolution keeps) and ``[B, C]`` vectors.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        shortcut: torch.Tensor,
+        norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+        eca_weight: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        y, mean, invstd = torch.native_batch_norm(x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
+        # The channel means of y, from those of x: y is x normalised and scaled per channel.
+        normalised_means = (x.mean((2, 3)) - mean) * invstd
+        means = torch.addcmul(norm_bias, normalised_means, norm_weight)
+        gate = torch.sigmoid(shifted_channel_conv(means, eca_weight))
+        out = torch.addcmul(shortcut, y, gate[..., None, None], out=y).relu_()
+        ctx.save_for_backward(x, out, norm_weight, norm_bias, eca_weight, mean, invstd, normalised_means, means, gate)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, out, norm_weight, norm_bias, eca_weight, mean, invstd, normalised_means, means, gate = ctx.saved_tensors
+        batch, _, height, width = x.shape
+        spatial_size = height * width
+        count = batch * spatial_size
+        grad_sum = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        grad_total, grad_dot_normalised = pair_reductions(grad_sum, x, mean, invstd)
+        # sum(grad * y) per pair, y = weight * x_hat + bias: what the gate's gradient needs.
+        grad_gate = torch.addcmul(norm_bias * grad_total, norm_weight, grad_dot_normalised)
+        grad_logit = torch.ops.aten.sigmoid_backward(grad_gate, gate)
+        grad_eca_weight = channel_conv_weight_grad(grad_logit, means, eca_weight.shape[-1])
+        grad_means = channel_conv_input_grad(grad_logit, eca_weight)
+        # The gradient reaching y is gate * grad + grad_means / (H * W) per pair; BatchNorm's
+        # weight and bias gradients are its per-channel sums with x_hat and with 1.
+        grad_norm_bias = torch.addcmul(grad_means, gate, grad_total).sum(0)
+        grad_norm_weight = torch.addcmul(gate * grad_dot_normalised, grad_means, normalised_means).sum(0)
+        # BatchNorm's input gradient, scale * (grad_y - grad_bias / n - x_hat * grad_weight / n),
+        # as a * grad + b * x + c per pair, x_hat = (x - mean) * invstd.
+        scale = norm_weight * invstd
+        coef_x = scale * invstd * grad_norm_weight / -count
+        constant = scale * (grad_means / spatial_size - grad_norm_bias / count) - coef_x * mean
+        grad_x = torch.empty_like(x)
+        torch.addcmul(constant[..., None, None], grad_sum, (scale * gate)[..., None, None], out=grad_x)
+        grad_x.addcmul_(x, coef_x[:, None, None])
+        return grad_x, grad_sum, grad_norm_weight, grad_norm_bias, grad_eca_weight, None, None, None, None
+
+
+def folds_batch_norm(x: torch.Tensor, norm: nn.Module) -> bool:
+    """Whether :class:`ECANormResidualReLUFunction` can stand in for ``norm`` and the block's end.
+
+    Eager float32 training on the CPU, where passes over memory are the cost,
+    with a plain ``BatchNorm2d`` using batch statistics; anything else
+    (evaluation, frozen or synchronised BatchNorm, other dtypes or devices)
+    calls ``norm`` itself.
+    """
+    return (
+        type(norm) is nn.BatchNorm2d
+        and norm.training
+        and norm.track_running_stats
+        and norm.affine
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and not _tracing()
+    )
+
+
+def _momentum_of_step(norm: nn.BatchNorm2d) -> float:
+    """Count the batch and return this step's running-average factor, as ``nn.BatchNorm2d.forward`` does."""
+    norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
 def _tracing() -> bool:
     """True while a graph is being captured, where the plain ops export and compile best."""
     return (
@@ -346,6 +470,20 @@ class eca_layer(nn.Module):
         if recovers_gated_input(x):
             return ECAResidualReLUFunction.apply(x, shortcut, weight)
         return ECAGateFunction.apply(x, shortcut, weight, True).relu_()
+
+    def forward_norm_add_relu(self, x: torch.Tensor, norm: nn.Module, shortcut: torch.Tensor) -> torch.Tensor:
+        """``self.forward_add_relu(norm(x), shortcut)``, with ``norm`` folded in where it pays.
+
+        ``x`` is the block's last convolution output, ``norm`` its BatchNorm. In
+        CPU training the two backwards become one (:class:`ECANormResidualReLUFunction`);
+        elsewhere ``norm`` is called as usual (its forward hooks run only then).
+        """
+        if not folds_batch_norm(x, norm):
+            return self.forward_add_relu(norm(x), shortcut)
+        momentum = _momentum_of_step(norm)
+        return ECANormResidualReLUFunction.apply(
+            x, shortcut, norm.weight, norm.bias, self.conv.weight, norm.running_mean, norm.running_var, momentum, norm.eps
+        )
 
     def _gated(self, x: torch.Tensor, shortcut: Optional[torch.Tensor], reuse_input: bool = False) -> torch.Tensor:
         weight = self.conv.weight

@@ -51,8 +51,7 @@ class ECABasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.eca.forward_add_relu(out, shortcut)
+        return self.eca.forward_norm_add_relu(self.conv2(out), self.bn2, shortcut)
 
 
 class ECABottleneck(nn.Module):
@@ -79,8 +78,7 @@ class ECABottleneck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.eca.forward_add_relu(out, shortcut)
+        return self.eca.forward_norm_add_relu(self.conv3(out), self.bn3, shortcut)
 
 
 Block = Type[Union[ECABasicBlock, ECABottleneck]]

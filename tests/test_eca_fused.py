@@ -4,6 +4,7 @@ float64 forward results must be bit-identical to the original (released
 checkpoints must give the original's numbers); gradients may differ by rounding
 only, and the hand-written backward must agree with numerical differentiation.
 """
+import copy
 import math
 from typing import Optional
 
@@ -15,6 +16,7 @@ from torch import nn
 from models import ARCHITECTURES
 from models.eca_module import (
     ECAGateFunction,
+    ECANormResidualReLUFunction,
     ECAResidualReLUFunction,
     eca_layer,
     gate_logits,
@@ -423,3 +425,123 @@ def test_second_derivatives_are_refused_not_wrong(arch):
     (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_x.square().sum().backward()
+
+
+# ---------------------------------------------------------------- BatchNorm folded into the block's end
+
+
+def norm_block_end(norm: nn.BatchNorm2d, layer, x, shortcut, grad_out, folded: bool):
+    """relu(eca(norm(x)) + shortcut) forward and backward; the gradients of every input and parameter."""
+    x = x.detach().clone().requires_grad_(True)
+    shortcut = shortcut.detach().clone().requires_grad_(True)
+    norm.zero_grad(set_to_none=True)
+    layer.zero_grad(set_to_none=True)
+    if folded:
+        out = ECANormResidualReLUFunction.apply(
+            x, shortcut, norm.weight, norm.bias, layer.conv.weight, norm.running_mean, norm.running_var,
+            norm.momentum, norm.eps,
+        )
+    else:
+        out = torch.relu(layer(norm(x)) + shortcut)
+    out.backward(grad_out)
+    grads = (x.grad, shortcut.grad, norm.weight.grad, norm.bias.grad, layer.conv.weight.grad)
+    return out.detach(), grads, (norm.running_mean.clone(), norm.running_var.clone())
+
+
+def paired_norms(channels: int, dtype=torch.float64):
+    norm = nn.BatchNorm2d(channels).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_(0, 0.5)
+        norm.running_mean.normal_(0, 1)
+        norm.running_var.uniform_(0.5, 2)
+    twin = copy.deepcopy(norm)
+    return norm, twin
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("k", KERNEL_SIZES)
+def test_folded_batch_norm_matches_plain_formulation(k, format_name, spatial):
+    memory_format = MEMORY_FORMATS[format_name]
+    shape = (3, 24, *spatial)
+    x = make_input(shape, memory_format, seed=41) * 3 + 1  # statistics far from 0 and 1
+    shortcut = make_input(shape, memory_format, seed=42)
+    grad_out = make_input(shape, memory_format, seed=43)
+    fused, plain = paired_layers(24, k)
+    norm, plain_norm = paired_norms(24)
+
+    out, grads, stats = norm_block_end(norm, fused, x, shortcut, grad_out, folded=True)
+    ref_out, ref_grads, ref_stats = norm_block_end(plain_norm, plain, x, shortcut, grad_out, folded=False)
+
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=memory_format)
+    assert (out == 0).any() and (out > 0).any()
+    names = ("x", "shortcut", "norm weight", "norm bias", "eca kernel")
+    for name, grad, reference in zip(names, grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-11, msg=name)
+    assert grads[0].is_contiguous(memory_format=memory_format)
+    for value, reference in zip(stats, ref_stats, strict=True):
+        torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize("k", (1, 3, 5))
+def test_folded_batch_norm_backward_gradcheck(k, format_name):
+    memory_format = MEMORY_FORMATS[format_name]
+    shape = (2, 7, 5, 4)
+    x = make_input(shape, memory_format, seed=44).requires_grad_(True)
+    shortcut = make_input(shape, memory_format, seed=45).requires_grad_(True)
+    norm_weight = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    norm_bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    eca_weight = torch.randn(1, 1, k, dtype=torch.float64, requires_grad=True)
+
+    def block_end(x, shortcut, norm_weight, norm_bias, eca_weight):
+        running_mean, running_var = torch.zeros(7, dtype=torch.float64), torch.ones(7, dtype=torch.float64)
+        return ECANormResidualReLUFunction.apply(
+            x, shortcut, norm_weight, norm_bias, eca_weight, running_mean, running_var, 0.1, 1e-5
+        )
+
+    assert torch.autograd.gradcheck(block_end, (x, shortcut, norm_weight, norm_bias, eca_weight))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_block_with_folded_norm_trains_like_its_batch_norm(momentum):
+    """A float32 training block folds its BatchNorm; statistics, counter and results follow nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    block = ARCHITECTURES["eca_resnet50"](num_classes=10).layer1[1].train()
+    block.bn3.momentum = momentum
+    twin = copy.deepcopy(block)
+    for step in range(3):
+        x = torch.randn(2, 256, 8, 8) * (step + 1)
+        out = block(x)
+        assert type(out.grad_fn).__name__ == "ECANormResidualReLUFunctionBackward"
+        with torch.no_grad():  # the block's own BatchNorm, then the layer's inference path
+            expected = twin(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block.bn3.running_mean, twin.bn3.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block.bn3.running_var, twin.bn3.running_var, rtol=1e-5, atol=1e-6)
+        assert block.bn3.num_batches_tracked.item() == twin.bn3.num_batches_tracked.item() == step + 1
+
+
+def test_batch_norm_is_called_where_folding_does_not_apply():
+    """Evaluation, frozen BatchNorm, float64 and a BatchNorm subclass run the block's own BatchNorm."""
+
+    class CustomBatchNorm(nn.BatchNorm2d):
+        pass
+
+    block = ARCHITECTURES["eca_resnet18"](num_classes=10).layer1[0]
+    calls = []
+    block.bn2.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 64, 8, 8)
+    block.train()(x)
+    assert not calls  # folded: the hook does not run
+    block.eval()(x)
+    block.train()
+    block.bn2.eval()(x)  # frozen statistics
+    block.bn2.train()
+    block.double()(x.double())
+    assert len(calls) == 3
+    block.float().bn2 = CustomBatchNorm(64)
+    out = block(x)
+    assert type(out.grad_fn).__name__ != "ECANormResidualReLUFunctionBackward"
