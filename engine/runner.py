@@ -27,6 +27,7 @@ from .checkpoint import (
     Checkpoint, as_float, atomic_copy, atomic_save, build_model, identify_architecture, model_from_checkpoint,
     read_checkpoint, remove_dead_writes,
 )
+from .collector import objects_built_so_far_frozen
 from .config import default_output_dir, dump_yaml, parse_args, serialisable_args
 from .data import (
     BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, ValTransform, build_loader,
@@ -277,8 +278,9 @@ def run(args, ctx: DistContext, ckpt: Optional[Checkpoint] = None) -> None:
             if ckpt is None and not args.init_from:
                 logger.warning("warning: -e without --resume evaluates randomly initialised weights")
             model, plain = prepare_model(model, args, ctx)
-            result = evaluate(plain, val_loader, prepare, criterion, ctx, autocast, args.print_freq,
-                              args.strict_data, stop, logger)
+            with objects_built_so_far_frozen():
+                result = evaluate(plain, val_loader, prepare, criterion, ctx, autocast, args.print_freq,
+                                  args.strict_data, stop, logger)
             if result.interrupted:
                 raise Interrupted(f"stopped by {stop.signal_name} during evaluation", signal_name=stop.signal_name)
             logger.info(summary_line(result.prec1, result.prec5))
@@ -321,7 +323,8 @@ def train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, c
     run = TrainingRun(args, ctx, parts, point, seed, list(classes), output_dir, stop, train_loader, train_sampler,
                       val_loader, metrics)
     try:
-        run.run_epochs()
+        with objects_built_so_far_frozen():
+            run.run_epochs()
     finally:
         if metrics is not None:
             metrics.close()

@@ -51,6 +51,7 @@ from torch import nn  # noqa: E402
 from engine.config import ArgumentParser, require_at_least  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
 from engine.checkpoint import build_model  # noqa: E402
+from engine.collector import objects_built_so_far_frozen  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
 from models import ARCHITECTURES  # noqa: E402
 from models.eca_mobilenetv2 import ECA_MobileNetV2  # noqa: E402
@@ -243,7 +244,9 @@ def measure_setting(
 ) -> Measurement:
     """Images/s of the models for one mode (train/inference) and memory format."""
     steps = build_steps(arch, k_size, mode, format_name, setting, args.seed, args.control)
-    return measure_round_robin(steps, args.repeats, args.warmup, args.iterations, setting)
+    # As the training engine runs its loop (engine.collector).
+    with objects_built_so_far_frozen():
+        return measure_round_robin(steps, args.repeats, args.warmup, args.iterations, setting)
 
 
 def profile_steps(
@@ -390,7 +393,9 @@ def run_profile(args: argparse.Namespace) -> int:
         for format_name in args.formats:
             steps = build_steps(args.arch, args.ksize, mode, format_name, setting, args.seed, args.control)
             print(f"\n{args.arch} {mode} {format_name}")
-            print("\n".join(format_profile(profile_steps(steps, args.warmup, args.steps, setting.device.type == "cuda"), args.top)), flush=True)
+            with objects_built_so_far_frozen():
+                profiles = profile_steps(steps, args.warmup, args.steps, setting.device.type == "cuda")
+            print("\n".join(format_profile(profiles, args.top)), flush=True)
     return 0
 
 
