@@ -7,7 +7,7 @@ recipe (ResNet or MobileNetV2), a ``--config`` YAML file, the command line.
 import argparse
 import os
 import sys
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
@@ -15,6 +15,7 @@ import models
 from models.eca_mobilenetv2 import NUM_BLOCKS as MOBILENET_BLOCKS
 from models.kernel_sizes import parse_kernel_sizes
 
+from .data import DEFAULT_CROP_SIZE, evaluation_sizes, saved_size
 from .errors import UsageError
 
 # The two recipes of the paper (SPEC: Recipes). The scripts differ only in these.
@@ -109,9 +110,12 @@ def build_parser(recipe: str) -> ArgumentParser:
     optim.add_argument("--model-ema-steps", type=int, default=32, help="update the EMA every N steps")
 
     augment = parser.add_argument_group("data and augmentation")
-    augment.add_argument("--train-crop-size", type=int, default=224)
-    augment.add_argument("--val-resize-size", type=int, default=256)
-    augment.add_argument("--val-crop-size", type=int, default=224)
+    augment.add_argument("--train-crop-size", type=int, default=None,
+                         help="default: the --resume checkpoint's, else 224")
+    augment.add_argument("--val-resize-size", type=int, default=None,
+                         help="default: the --resume checkpoint's, else 256 (256/224 of --val-crop-size)")
+    augment.add_argument("--val-crop-size", type=int, default=None,
+                         help="default: the --resume checkpoint's, else 224")
     augment.add_argument("--auto-augment", choices=("imagenet", "ta_wide", "randaugment"), default=None)
     augment.add_argument("--mixup-alpha", type=float, default=0.0)
     augment.add_argument("--cutmix-alpha", type=float, default=0.0)
@@ -192,11 +196,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("-j/--workers must be 0 or more")
     if args.lr is None or args.lr <= 0:
         raise UsageError("--lr must be positive")
-    for name in ("train_crop_size", "val_resize_size", "val_crop_size"):
-        if getattr(args, name) < 8:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 8 pixels")
-    if args.val_crop_size > args.val_resize_size:
-        raise UsageError("--val-crop-size must not exceed --val-resize-size")
+    for name in IMAGE_SIZES:
+        if getattr(args, name) is not None and getattr(args, name) < 8:
+            raise UsageError(f"{flag_name(name)} must be at least 8 pixels")
     if args.num_classes is not None and args.num_classes < 1:
         raise UsageError("--num-classes must be positive")
     if not 0.0 <= args.label_smoothing < 1.0:
@@ -216,6 +218,22 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--clip-grad-norm must be positive (leave it out to not clip)")
     if args.gpu is not None and args.device not in (None, "cuda", f"cuda:{args.gpu}"):
         raise UsageError(f"--gpu {args.gpu} and --device {args.device} disagree: pass one of them")
+
+
+IMAGE_SIZES = ("train_crop_size", "val_resize_size", "val_crop_size")
+
+
+def resolve_image_sizes(args: argparse.Namespace, checkpoint_contents: Mapping[str, Any]) -> None:
+    """Fill the sizes not given: a resumed or evaluated checkpoint's run's, else ImageNet's (224, 256, 224).
+
+    ``-e --resume`` thus evaluates a model at the sizes it was validated at
+    during training, and a resumed run goes on with the sizes it started with.
+    """
+    args.val_resize_size, args.val_crop_size = evaluation_sizes(
+        args.val_resize_size, args.val_crop_size, checkpoint_contents, flags=("--val-resize-size", "--val-crop-size")
+    )
+    if args.train_crop_size is None:
+        args.train_crop_size = saved_size(checkpoint_contents, "train_crop_size") or DEFAULT_CROP_SIZE
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
@@ -246,4 +264,4 @@ def kernel_count(arch: str) -> int:
     return MOBILENET_BLOCKS if arch == "eca_mobilenet_v2" else 4
 
 
-__all__ = ["RECIPES", "ARCH_NAMES", "build_parser", "parse_args", "default_output_dir", "serialisable_args"]
+__all__ = ["RECIPES", "ARCH_NAMES", "build_parser", "parse_args", "resolve_image_sizes", "default_output_dir", "serialisable_args"]

@@ -20,7 +20,7 @@ import os
 import re
 import signal
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -184,6 +184,45 @@ def _auto_augment(name: Optional[str]) -> Optional[Callable]:
     if name == "randaugment":
         return v2.RandAugment()
     raise ValueError(f"unknown auto-augment policy {name!r}")
+
+
+# ImageNet's evaluation geometry: resize the shorter side to 256, centre-crop 224.
+DEFAULT_RESIZE_SIZE = 256
+DEFAULT_CROP_SIZE = 224
+
+
+def saved_size(contents: Mapping[str, Any], name: str) -> Optional[int]:
+    """An image size a checkpoint's run was made with (its saved arguments), if it records a valid one."""
+    saved = contents.get("args")
+    value = saved.get(name) if isinstance(saved, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def evaluation_sizes(
+    resize_size: Optional[int],
+    crop_size: Optional[int],
+    contents: Mapping[str, Any],
+    flags: Tuple[str, str] = ("--resize-size", "--crop-size"),
+) -> Tuple[int, int]:
+    """Validation resize and crop: the flags, else the checkpoint's run's, else 256 / 224.
+
+    A checkpoint evaluates at the sizes it was validated at during training;
+    files without saved arguments (the original release's) at ImageNet's. A
+    crop given alone is resized in ImageNet's 256 / 224 ratio.
+    """
+    crop = crop_size if crop_size is not None else saved_size(contents, "val_crop_size") or DEFAULT_CROP_SIZE
+    resize = resize_size
+    if resize is None and crop_size is None:
+        resize = saved_size(contents, "val_resize_size")
+    if resize is None:
+        # Keep ImageNet's 256 / 224 ratio for any other crop.
+        resize = round(crop * DEFAULT_RESIZE_SIZE / DEFAULT_CROP_SIZE)
+    resize_flag, crop_flag = flags
+    if crop < 1 or resize < 1:
+        raise UsageError(f"{resize_flag} and {crop_flag} must be positive (got {resize}, {crop})")
+    if crop > resize:
+        raise UsageError(f"{crop_flag} {crop} is larger than {resize_flag} {resize}")
+    return resize, crop
 
 
 class ValTransform:

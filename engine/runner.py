@@ -28,7 +28,7 @@ from .checkpoint import (
     read_checkpoint, remove_dead_writes,
 )
 from .collector import objects_built_so_far_frozen
-from .config import default_output_dir, dump_yaml, parse_args, serialisable_args
+from .config import default_output_dir, dump_yaml, parse_args, resolve_image_sizes, serialisable_args
 from .data import (
     BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, ValTransform, build_loader,
     check_data_root, default_workers, list_samples,
@@ -62,6 +62,7 @@ def main(recipe: str, argv: Optional[Sequence[str]] = None) -> None:
     # Fail on bad paths here, once, before any process or folder is started.
     check_data_root(args.data, need_train=not args.evaluate)
     ckpt = read_checkpoint(args.resume) if args.resume else None
+    resolve_image_sizes(args, ckpt.contents if ckpt is not None else {})
     if should_spawn(args):
         logger.info("=> %d GPUs visible: starting one DDP process per GPU", visible_gpus())
         if args.dist_url is None and args.world_size <= 1:

@@ -26,12 +26,15 @@ import models  # noqa: E402
 from engine.checkpoint import load_model  # noqa: E402
 from engine.config import ArgumentParser  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from engine.data import IMAGE_EXTENSIONS, BatchPreparer, ValTransform, decode_rgb, image_files  # noqa: E402
+from engine.data import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    BatchPreparer,
+    ValTransform,
+    decode_rgb,
+    evaluation_sizes,
+    image_files,
+)
 from engine.errors import UsageError, run_cli  # noqa: E402
-
-DEFAULT_RESIZE_SIZE = 256
-DEFAULT_CROP_SIZE = 224
-
 
 @dataclass
 class Prediction:
@@ -101,26 +104,6 @@ def resolve_class_names(names_file: Optional[str], contents: Mapping[str, Any], 
     if names is not None:
         print(f"warning: the checkpoint's class_names do not fit its {num_classes} classes; showing indices", file=sys.stderr)
     return None
-
-
-def resolve_sizes(resize_size: Optional[int], crop_size: Optional[int], contents: Mapping[str, Any]) -> Tuple[int, int]:
-    """The validation sizes: the flags, else the checkpoint's training arguments, else 256 / 224."""
-    saved = contents.get("args") if isinstance(contents.get("args"), Mapping) else {}
-    # An explicit 0 must reach the check below, not fall through to a default.
-    crop = crop_size if crop_size is not None else _positive_int(saved.get("val_crop_size")) or DEFAULT_CROP_SIZE
-    resize = resize_size if resize_size is not None else _positive_int(saved.get("val_resize_size"))
-    if resize is None:
-        # Keep ImageNet's 256 / 224 ratio for any other crop.
-        resize = round(crop * DEFAULT_RESIZE_SIZE / DEFAULT_CROP_SIZE)
-    if crop < 1 or resize < 1:
-        raise UsageError(f"--resize-size and --crop-size must be positive (got {resize}, {crop})")
-    if crop > resize:
-        raise UsageError(f"--crop-size {crop} is larger than --resize-size {resize}")
-    return resize, crop
-
-
-def _positive_int(value: Any) -> Optional[int]:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 # --- prediction --------------------------------------------------------------------------------
@@ -206,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model.eval().to(device)
     num_classes = model.num_classes
     class_names = resolve_class_names(args.class_names, checkpoint.contents, num_classes)
-    resize_size, crop_size = resolve_sizes(args.resize_size, args.crop_size, checkpoint.contents)
+    resize_size, crop_size = evaluation_sizes(args.resize_size, args.crop_size, checkpoint.contents)
 
     batches = load_batches(paths, Preprocess(resize_size, crop_size), args.batch_size)
     records = []

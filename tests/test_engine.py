@@ -97,6 +97,18 @@ def test_evaluating_the_best_checkpoint_reproduces_its_prec1(trained, demo_data)
     assert not (out.parent / "runs").exists()
 
 
+@pytest.mark.slow
+def test_evaluation_defaults_to_the_sizes_the_checkpoint_was_validated_at(trained, demo_data):
+    """Without size flags, -e --resume uses the run's 56/48, not ImageNet's 256/224, and so reproduces its Prec@1."""
+    out, output = trained
+    best = max(prec_lines(output), key=lambda pair: float(pair[0]))
+    result = run_script("main.py", "-e", "--resume", out / "model_best.pth.tar", "-j", "1", demo_data, check=True)
+    assert prec_lines(result.stdout) == [best]
+    refused = run_script("main.py", "-e", "--resume", out / "model_best.pth.tar", "--val-resize-size", "40", demo_data)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "main.py: error: --val-crop-size 48 is larger than --val-resize-size 40"
+
+
 def save_in_original_release_format(state_dict, path, arch_tag):
     """What the authors released: legacy pickle, DataParallel prefixes, a tensor best_prec1, a wrong arch."""
     torch.save(

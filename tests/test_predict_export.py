@@ -11,6 +11,7 @@ import export
 import models
 import predict
 from conftest import run_script
+from engine.data import evaluation_sizes
 from engine.checkpoint import load_model
 from engine.errors import UsageError, run_cli
 
@@ -153,16 +154,17 @@ def test_wrong_architecture_is_named(dog_checkpoint, val_images):
         (None, None, {"val_crop_size": 112}, (128, 112)),
         (None, 112, {}, (128, 112)),
         (300, 288, {"val_resize_size": 73, "val_crop_size": 64}, (300, 288)),
+        (None, 112, {"val_resize_size": 73, "val_crop_size": 64}, (128, 112)),  # a crop alone keeps 256/224
     ],
 )
 def test_validation_sizes(resize_size, crop_size, saved_args, expected):
-    assert predict.resolve_sizes(resize_size, crop_size, {"args": saved_args}) == expected
+    assert evaluation_sizes(resize_size, crop_size, {"args": saved_args}) == expected
 
 
 @pytest.mark.parametrize("resize_size, crop_size", [(0, None), (None, 0), (-5, 32)])
 def test_zero_or_negative_sizes_are_refused_not_replaced_by_defaults(resize_size, crop_size):
     with pytest.raises(UsageError, match="must be positive"):
-        predict.resolve_sizes(resize_size, crop_size, {"args": {}})
+        evaluation_sizes(resize_size, crop_size, {"args": {}})
 
 
 def test_missing_image_is_one_line_and_exit_2_as_a_user_runs_it(tmp_path, dog_checkpoint):
