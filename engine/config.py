@@ -39,6 +39,15 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds each option's default to its help, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def flag_name(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
@@ -55,7 +64,7 @@ def build_parser(recipe: str) -> ArgumentParser:
     defaults = RECIPES[recipe]
     parser = ArgumentParser(
         description=f"Train or evaluate ECA-Net on ImageNet ({recipe} recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("data", metavar="DATA", help="folder with train/CLASS/*.JPEG and val/CLASS/*.JPEG")
 
