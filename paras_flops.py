@@ -29,7 +29,7 @@ def build_parser() -> ArgumentParser:
         description="Count parameters and FLOPs (thop multiply-accumulates) of an ECA model, "
         "in binary units (2^20, 2^30, as the original README) and decimal ones."
     )
-    parser.add_argument("-a", "--arch", default="eca_resnet50", choices=sorted(ARCHITECTURES))
+    parser.add_argument("-a", "--arch", default=None, choices=sorted(ARCHITECTURES), help="default: eca_resnet50")
     parser.add_argument(
         "--ksize",
         default=None,
@@ -47,14 +47,15 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     if args.all:
-        if args.ksize is not None:
-            raise UsageError("--all counts each model with its released kernel sizes; drop --ksize")
+        if args.ksize is not None or args.arch is not None:
+            raise UsageError("--all counts every model with its released kernel sizes; drop -a and --ksize")
         rows = [
             (row, count_complexity(row.arch, row.k_size, args.input_size, args.num_classes)) for row in README_TABLE
         ]
         print(format_table(rows))
         return
-    print(format_report(count_complexity(args.arch, args.ksize, args.input_size, args.num_classes)))
+    arch = args.arch or "eca_resnet50"
+    print(format_report(count_complexity(arch, args.ksize, args.input_size, args.num_classes)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ CPU epochs; the same seed always gives the same bytes.
 
     python scripts/make_demo_data.py data/demo
 """
-import argparse
 import colorsys
 import math
 import os
@@ -17,6 +16,13 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFilter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from engine.config import ArgumentParser, require_at_least  # noqa: E402
+from engine.errors import UsageError, run_cli  # noqa: E402
 
 Point = Tuple[float, float]
 SHAPES = ("disc", "square", "triangle", "stripes", "ring", "cross", "diamond", "bars")
@@ -96,7 +102,7 @@ def make_demo_dataset(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="folder to create (train/ and val/ go inside)")
     parser.add_argument("--classes", type=int, default=4, help="number of classes, 2 to %d" % len(SHAPES))
     parser.add_argument("--train-per-class", type=int, default=48)
@@ -106,13 +112,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 2 <= args.classes <= len(SHAPES):
-        parser.error(f"--classes must be between 2 and {len(SHAPES)}")
-    counts = make_demo_dataset(
-        args.root, args.classes, args.train_per_class, args.val_per_class, (args.width, args.height), args.seed
-    )
+        raise UsageError(f"--classes must be between 2 and {len(SHAPES)} (one shape per class), got {args.classes}")
+    require_at_least(args, 1, "train_per_class", "val_per_class")
+    # The smallest crop the training scripts take is 8 pixels.
+    require_at_least(args, 8, "width", "height")
+    try:
+        counts = make_demo_dataset(
+            args.root, args.classes, args.train_per_class, args.val_per_class, (args.width, args.height), args.seed
+        )
+    except OSError as error:
+        raise UsageError(f"cannot write the dataset under {args.root!r}: {error.strerror or error}") from None
     print(f"wrote {counts['train']} train and {counts['val']} val images in {args.classes} classes to {args.root}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

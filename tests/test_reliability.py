@@ -364,6 +364,9 @@ def test_bad_input_leaves_an_existing_run_folder_byte_for_byte(launch, tiny_data
 SCRIPT_CASES = {
     "paras_flops.py with a malformed --ksize": ("paras_flops.py", ["-a", "eca_resnet18", "--ksize", "35x7"], "--ksize"),
     "paras_flops.py with an unknown -a": ("paras_flops.py", ["-a", "eca_resnet19"], "eca_resnet19"),
+    "paras_flops.py with --all and -a": ("paras_flops.py", ["--all", "-a", "eca_resnet18"], "drop -a"),
+    "make_demo_data.py with a zero width": ("scripts/make_demo_data.py", ["{out}/demo", "--width", "0"], "--width"),
+    "make_demo_data.py under a file": ("scripts/make_demo_data.py", ["{image}/demo"], "cannot write"),
     "predict.py with a missing checkpoint": ("scripts/predict.py", ["--resume", "{missing}", "{image}"], "does not exist"),
     "predict.py with random bytes": ("scripts/predict.py", ["--resume", "{random bytes}", "{image}"], "not a PyTorch"),
     "export.py with a missing checkpoint": (
