@@ -12,11 +12,14 @@ map. The implementation below keeps those to the minimum:
   ``relu(x * gate + shortcut)``, is written over the block's BatchNorm output
   and keeps no extra feature map for the backward
   (:class:`ECAResidualReLUFunction`);
-* backward (training, eager): hand-written autograd functions that fold the mean's gradient (a per-channel constant) into the same
-  ``addcmul`` that applies the gate to the incoming gradient, instead of
-  materialising an expanded, divided copy and adding it in a further pass, and
-  take the per-channel ``sum(grad * x)`` without writing the product
-  (:func:`spatial_dot`);
+* backward (training, eager): hand-written autograd functions that fold the
+  mean's gradient (a per-channel constant) into the same ``addcmul`` that
+  applies the gate to the incoming gradient, instead of materialising an
+  expanded, divided copy and adding it in a further pass, and take the
+  per-channel ``sum(grad * x)`` without writing the product
+  (:func:`spatial_dot`); in a ResNet block the last BatchNorm's backward and
+  ECA's share their reductions, one read of the gradient for both
+  (:class:`ECANormResidualReLUFunction`);
 * the k-tap convolution across channels runs on a ``[B, C]`` matrix as k
   shifted multiply-adds, avoiding ``Conv1d``'s large fixed cost per call.
 

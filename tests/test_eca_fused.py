@@ -295,13 +295,17 @@ def test_residual_relu_matches_plain_formulation(k, format_name, spatial):
         assert torch.equal(fused.forward_add_relu(x.clone(), shortcut), ref_out)
 
 
+def gradcheck_inputs(format_name: str, seed: int):
+    """A small float64 block output and shortcut, both requiring gradients, in the given layout."""
+    shape = (2, 7, 5, 4)
+    memory_format = MEMORY_FORMATS[format_name]
+    return tuple(make_input(shape, memory_format, seed=seed + i).requires_grad_(True) for i in range(2))
+
+
 @pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
 @pytest.mark.parametrize("k", (1, 3, 5))
 def test_residual_relu_backward_gradcheck(k, format_name):
-    memory_format = MEMORY_FORMATS[format_name]
-    shape = (2, 7, 5, 4)
-    x = make_input(shape, memory_format, seed=24).requires_grad_(True)
-    shortcut = make_input(shape, memory_format, seed=25).requires_grad_(True)
+    x, shortcut = gradcheck_inputs(format_name, seed=24)
     weight = torch.randn(1, 1, k, dtype=torch.float64, requires_grad=True)
 
     def residual_relu(x, shortcut, weight):
@@ -488,10 +492,7 @@ def test_folded_batch_norm_matches_plain_formulation(k, format_name, spatial):
 @pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
 @pytest.mark.parametrize("k", (1, 3, 5))
 def test_folded_batch_norm_backward_gradcheck(k, format_name):
-    memory_format = MEMORY_FORMATS[format_name]
-    shape = (2, 7, 5, 4)
-    x = make_input(shape, memory_format, seed=44).requires_grad_(True)
-    shortcut = make_input(shape, memory_format, seed=45).requires_grad_(True)
+    x, shortcut = gradcheck_inputs(format_name, seed=44)
     norm_weight = torch.randn(7, dtype=torch.float64, requires_grad=True)
     norm_bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     eca_weight = torch.randn(1, 1, k, dtype=torch.float64, requires_grad=True)
