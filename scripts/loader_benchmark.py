@@ -16,24 +16,31 @@ is the median images/s.
 
     python scripts/make_demo_data.py data/bench --width 500 --height 375 --train-per-class 150
     python scripts/benchmark.py loader data/bench -j 2 -b 32 --batches 12
+
+(``python scripts/loader_benchmark.py DATA ...`` runs the same.)
 """
 import argparse
 import os
 import statistics
+import sys
 import time
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-import torch
-from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-from engine.config import require_at_least
-from engine.data import (
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import datasets, transforms  # noqa: E402
+
+from engine.config import ArgumentParser, require_at_least  # noqa: E402
+from engine.data import (  # noqa: E402
     IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, build_loader,
     list_samples,
 )
-from engine.distributed import DistContext, resolve_device
-from engine.errors import UsageError
+from engine.distributed import DistContext, resolve_device  # noqa: E402
+from engine.errors import UsageError, run_cli  # noqa: E402
 
 PIPELINES = ("project", "original")
 
@@ -128,3 +135,13 @@ def run_loader(args: argparse.Namespace) -> int:
     print(f"ratio project / original: {medians['project'] / medians['original']:.2f}x")
     print(f"project pipeline (uint8 in the workers, normalised on {device.type}): {medians['project']:.1f} img/s")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_loader_arguments(parser)
+    return run_loader(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -365,6 +365,7 @@ SCRIPT_CASES = {
     "paras_flops.py with a malformed --ksize": ("paras_flops.py", ["-a", "eca_resnet18", "--ksize", "35x7"], "--ksize"),
     "paras_flops.py with an unknown -a": ("paras_flops.py", ["-a", "eca_resnet19"], "eca_resnet19"),
     "paras_flops.py with --all and -a": ("paras_flops.py", ["--all", "-a", "eca_resnet18"], "drop -a"),
+    "loader_benchmark.py run directly on a missing DATA": ("scripts/loader_benchmark.py", ["{out}"], "no class folders"),
     "make_demo_data.py with a zero width": ("scripts/make_demo_data.py", ["{out}/demo", "--width", "0"], "--width"),
     "make_demo_data.py under a file": ("scripts/make_demo_data.py", ["{image}/demo"], "cannot write"),
     "predict.py with a missing checkpoint": ("scripts/predict.py", ["--resume", "{missing}", "{image}"], "does not exist"),
