@@ -79,6 +79,10 @@ def parse_kernel_sizes(spec: KernelSpec, count: int = 4) -> Union[Tuple[int, ...
         raise ValueError(f"invalid ECA kernel sizes {spec!r}; {_accepted_forms(count)}")
 
     if len(items) != count:
+        # A letter among the digits ("35x7") is the mistake to name, not the count it throws off.
+        for item in items:
+            if isinstance(item, str) and item.strip():
+                _to_int(item, spec, count)
         raise ValueError(
             f"invalid ECA kernel sizes {spec!r}: {len(items)} values for {count} stages; {_accepted_forms(count)}"
         )

@@ -46,6 +46,7 @@ def test_resnet_constructors_build_the_parsed_kernel_sizes(spec, expected):
 # (bad value, a fragment that the message must contain besides the value itself)
 INVALID_SPECS = [
     ("35a7", "'a' is not an integer"),
+    ("3x7", "'x' is not an integer"),  # the letter is named, not the count it throws off
     ("355", "3 values for 4 stages"),
     ("3456", "4 is not a positive odd integer"),
     ("0", "0 is not a positive odd integer"),
