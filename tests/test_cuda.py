@@ -29,10 +29,10 @@ def cuda_tensor(shape, memory_format, dtype=torch.float32, seed=0):
     return torch.randn(shape, generator=generator, dtype=torch.float64).to("cuda", dtype).contiguous(memory_format=memory_format)
 
 
-def layer_pair(channels, k, dtype):
+def layer_pair(channels, k, dtype, seed=0):
     fused = eca_layer(channels, k)
     with torch.no_grad():
-        fused.conv.weight.normal_(0, 1)
+        fused.conv.weight.copy_(torch.randn(1, 1, k, generator=torch.Generator().manual_seed(seed)))
     plain = OriginalECALayer(channels, k)
     plain.load_state_dict(fused.state_dict())
     return fused.to("cuda", dtype), plain.to("cuda", dtype)
@@ -64,25 +64,31 @@ def test_block_end_matches_plain_formulation_on_cuda(k, dtype, format_name):
     assert got[0].is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
-def test_block_end_in_bfloat16_is_close_to_float64(format_name):
+def test_block_end_in_bfloat16_is_as_accurate_as_the_original(format_name, seed):
     """bf16 against the float64 formulation of the same inputs, away from the ReLU's kink.
 
     Where the pre-activation is within bf16's rounding of zero, the two sides
-    may take opposite ReLU branches; the gradients are compared elsewhere.
+    may take opposite ReLU branches; the gradients are compared elsewhere. The
+    kernel's gradient sums many cancelling terms, so its bf16 error is held to
+    the original formulation's own bf16 error rather than to a fixed fraction.
     """
     memory_format = MEMORY_FORMATS[format_name]
     shape = (4, 64, 14, 14)
-    x, shortcut, grad_out = (cuda_tensor(shape, memory_format, torch.bfloat16, seed) for seed in (1, 2, 3))
-    fused, plain = layer_pair(64, 5, torch.bfloat16)
-    plain = plain.double()
+    x, shortcut, grad_out = (cuda_tensor(shape, memory_format, torch.bfloat16, seed + i) for i in (1, 2, 3))
+    fused, plain = layer_pair(64, 5, torch.bfloat16, seed)
     got = block_end(fused, x, shortcut, grad_out, fused=True)
+    original = block_end(plain, x, shortcut, grad_out, fused=False)
+    plain = plain.double()
     expected = block_end(plain, x.double(), shortcut.double(), grad_out.double(), fused=False)
     away_from_kink = (plain(x.double()) + shortcut.double()).abs() > 0.1
     torch.testing.assert_close(got[0].double(), expected[0], rtol=2e-2, atol=2e-2)
     for a, b in zip(got[1:3], expected[1:3]):
         torch.testing.assert_close(a.double()[away_from_kink], b[away_from_kink], rtol=3e-2, atol=3e-2)
-    assert (got[3].double() - expected[3]).norm() <= 0.05 * expected[3].norm()
+    kernel_error = (got[3].double() - expected[3]).norm()
+    original_error = (original[3].double() - expected[3]).norm()
+    assert kernel_error <= 2 * original_error + 0.01 * expected[3].norm()
 
 
 @pytest.mark.parametrize("residual", [False, True])
