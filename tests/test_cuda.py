@@ -16,7 +16,8 @@ import torch
 from conftest import ROOT, run_script
 from models import ARCHITECTURES
 from models.eca_module import eca_layer
-from original_models import OriginalECALayer, original_model
+from original_models import original_model
+from test_eca_fused import paired_layers, residual_relu_backward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,22 +31,8 @@ def cuda_tensor(shape, memory_format, dtype=torch.float32, seed=0):
 
 
 def layer_pair(channels, k, dtype, seed=0):
-    fused = eca_layer(channels, k)
-    with torch.no_grad():
-        fused.conv.weight.copy_(torch.randn(1, 1, k, generator=torch.Generator().manual_seed(seed)))
-    plain = OriginalECALayer(channels, k)
-    plain.load_state_dict(fused.state_dict())
-    return fused.to("cuda", dtype), plain.to("cuda", dtype)
-
-
-def block_end(layer, x, shortcut, grad_out, fused):
-    x = x.detach().clone().requires_grad_(True)
-    shortcut = shortcut.detach().clone().requires_grad_(True)
-    layer.zero_grad(set_to_none=True)
-    # The fused block end writes over its input, as a block's BatchNorm output; give it a temporary.
-    out = layer.forward_add_relu(x * 1, shortcut) if fused else torch.relu(layer(x) + shortcut)
-    out.backward(grad_out)
-    return out.detach(), x.grad, shortcut.grad, layer.conv.weight.grad
+    """The project's layer and the original's on the GPU, with the same seeded kernel."""
+    return tuple(layer.cuda() for layer in paired_layers(channels, k, dtype, seed))
 
 
 @pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
@@ -56,8 +43,8 @@ def test_block_end_matches_plain_formulation_on_cuda(k, dtype, format_name):
     shape = (4, 32, 7, 6)
     x, shortcut, grad_out = (cuda_tensor(shape, memory_format, dtype, seed) for seed in (1, 2, 3))
     fused, plain = layer_pair(32, k, dtype)
-    got = block_end(fused, x, shortcut, grad_out, fused=True)
-    expected = block_end(plain, x, shortcut, grad_out, fused=False)
+    got = residual_relu_backward(fused, x, shortcut, grad_out)
+    expected = residual_relu_backward(plain, x, shortcut, grad_out)
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4
     for name, a, b in zip(("output", "grad x", "grad shortcut", "grad kernel"), got, expected):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
@@ -78,10 +65,10 @@ def test_block_end_in_bfloat16_is_as_accurate_as_the_original(format_name, seed)
     shape = (4, 64, 14, 14)
     x, shortcut, grad_out = (cuda_tensor(shape, memory_format, torch.bfloat16, seed + i) for i in (1, 2, 3))
     fused, plain = layer_pair(64, 5, torch.bfloat16, seed)
-    got = block_end(fused, x, shortcut, grad_out, fused=True)
-    original = block_end(plain, x, shortcut, grad_out, fused=False)
+    got = residual_relu_backward(fused, x, shortcut, grad_out)
+    original = residual_relu_backward(plain, x, shortcut, grad_out)
     plain = plain.double()
-    expected = block_end(plain, x.double(), shortcut.double(), grad_out.double(), fused=False)
+    expected = residual_relu_backward(plain, x.double(), shortcut.double(), grad_out.double())
     away_from_kink = (plain(x.double()) + shortcut.double()).abs() > 0.1
     torch.testing.assert_close(got[0].double(), expected[0], rtol=2e-2, atol=2e-2)
     for a, b in zip(got[1:3], expected[1:3]):

@@ -36,14 +36,23 @@ def make_input(shape, memory_format, dtype=torch.float64, seed=0) -> torch.Tenso
     return torch.randn(shape, generator=generator, dtype=dtype).contiguous(memory_format=memory_format)
 
 
-def paired_layers(channels: int, k: int, dtype=torch.float64):
-    """The project's layer and the original's with the same random kernel."""
+def paired_layers(channels: int, k: int, dtype=torch.float64, seed: Optional[int] = None):
+    """The project's layer and the original's with the same random kernel (drawn from ``seed`` when given)."""
     fused = eca_layer(channels, k).to(dtype)
     with torch.no_grad():
-        fused.conv.weight.normal_(0, 1)
+        if seed is None:
+            fused.conv.weight.normal_(0, 1)
+        else:
+            fused.conv.weight.copy_(torch.randn(1, 1, k, generator=torch.Generator().manual_seed(seed)))
     plain = OriginalECALayer(channels, k).to(dtype)
     plain.load_state_dict(fused.state_dict())
     return fused, plain
+
+
+def block_inputs(format_name: str, spatial, seed: int):
+    """A float64 block output, shortcut and incoming gradient, ``[3, 24, *spatial]``, from seeds seed..seed+2."""
+    shape = (3, 24, *spatial)
+    return tuple(make_input(shape, MEMORY_FORMATS[format_name], seed=seed + i) for i in range(3))
 
 
 def run_layer(layer, x: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
@@ -68,10 +77,8 @@ def forward_backward(layer, x, shortcut, grad_out):
 @pytest.mark.parametrize("k", KERNEL_SIZES)
 def test_fused_layer_matches_plain_formulation(k, format_name, spatial, residual):
     memory_format = MEMORY_FORMATS[format_name]
-    shape = (3, 24, *spatial)
-    x = make_input(shape, memory_format, seed=1)
-    shortcut = make_input(shape, memory_format, seed=2) if residual else None
-    grad_out = make_input(shape, memory_format, seed=3)
+    x, shortcut, grad_out = block_inputs(format_name, spatial, seed=1)
+    shortcut = shortcut if residual else None
     fused, plain = paired_layers(24, k)
 
     out, grad_x, grad_shortcut, grad_weight = forward_backward(fused, x, shortcut, grad_out)
@@ -275,10 +282,7 @@ def residual_relu_backward(layer, x, shortcut, grad_out):
 @pytest.mark.parametrize("k", KERNEL_SIZES)
 def test_residual_relu_matches_plain_formulation(k, format_name, spatial):
     memory_format = MEMORY_FORMATS[format_name]
-    shape = (3, 24, *spatial)
-    x = make_input(shape, memory_format, seed=21)
-    shortcut = make_input(shape, memory_format, seed=22)
-    grad_out = make_input(shape, memory_format, seed=23)
+    x, shortcut, grad_out = block_inputs(format_name, spatial, seed=21)
     fused, plain = paired_layers(24, k)
 
     out, grad_x, grad_shortcut, grad_weight = residual_relu_backward(fused, x, shortcut, grad_out)
@@ -468,10 +472,8 @@ def paired_norms(channels: int, dtype=torch.float64):
 @pytest.mark.parametrize("k", KERNEL_SIZES)
 def test_folded_batch_norm_matches_plain_formulation(k, format_name, spatial):
     memory_format = MEMORY_FORMATS[format_name]
-    shape = (3, 24, *spatial)
-    x = make_input(shape, memory_format, seed=41) * 3 + 1  # statistics far from 0 and 1
-    shortcut = make_input(shape, memory_format, seed=42)
-    grad_out = make_input(shape, memory_format, seed=43)
+    x, shortcut, grad_out = block_inputs(format_name, spatial, seed=41)
+    x = x * 3 + 1  # statistics far from 0 and 1
     fused, plain = paired_layers(24, k)
     norm, plain_norm = paired_norms(24)
 
