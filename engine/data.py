@@ -210,6 +210,7 @@ def evaluation_sizes(
     files without saved arguments (the original release's) at ImageNet's. A
     crop given alone is resized in ImageNet's 256 / 224 ratio.
     """
+    # An explicit 0 must reach the check below, not fall through to a default.
     crop = crop_size if crop_size is not None else saved_size(contents, "val_crop_size") or DEFAULT_CROP_SIZE
     resize = resize_size
     if resize is None and crop_size is None:

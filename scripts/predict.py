@@ -36,6 +36,7 @@ from engine.data import (  # noqa: E402
 )
 from engine.errors import UsageError, run_cli  # noqa: E402
 
+
 @dataclass
 class Prediction:
     image: str
