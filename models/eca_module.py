@@ -393,7 +393,7 @@ def folds_batch_norm(x: torch.Tensor, norm: nn.Module) -> bool:
         and norm.track_running_stats
         and norm.affine
         and torch.is_grad_enabled()
-        and x.device.type == "cpu"
+        and not launch_bound(x)
         and x.dtype == torch.float32
         and x.dim() == 4
         and not _tracing()
