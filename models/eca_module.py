@@ -18,7 +18,8 @@ map. The implementation below keeps those to the minimum:
   expanded, divided copy and adding it in a further pass, and take the
   per-channel ``sum(grad * x)`` without writing the product
   (:func:`spatial_dot`); in a ResNet block the last BatchNorm's backward and
-  ECA's share their reductions, one read of the gradient for both
+  ECA's share their reductions, one read of the gradient for both, and in
+  the forward ECA's channel sums give BatchNorm its batch mean
   (:class:`ECANormResidualReLUFunction`);
 * the k-tap convolution across channels runs on a ``[B, C]`` matrix as k
   shifted multiply-adds, avoiding ``Conv1d``'s large fixed cost per call.
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormResidualReLUFunction"]
+__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "batch_statistics", "normalise_batch", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormResidualReLUFunction"]
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -139,37 +140,38 @@ def spatial_dot(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor
 
 
 def pair_reductions(
-    grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, per_channel: bool = True
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    per_channel: bool = True,
+    scratch: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, channel) pair: ``sum(grad)`` and ``sum(grad * (x - mean) * invstd)`` over the map, ``[B, C]`` each.
 
     BatchNorm's backward kernel, asked for its weight and bias gradients only,
     computes exactly these per channel in one vectorised read of both tensors
     and writes nothing else. Viewing a contiguous ``[B, C, H, W]`` as
-    ``[1, B * C, H, W]`` makes its channels our pairs; a channels_last tensor
-    cannot be viewed so and is reduced one sample at a time. ``mean`` and
-    ``invstd`` are per channel (``[C]``), or already per pair (``[B * C]``)
-    with ``per_channel=False``.
+    ``[1, B * C, H, W]`` makes its channels our pairs. A channels_last tensor
+    cannot be viewed so; there ``grad * x`` is written (into ``scratch``, a
+    spent tensor of the same shape and layout, when given) and summed, which
+    costs less than one kernel call per sample. ``mean`` and ``invstd`` are per
+    channel (``[C]``), or already per pair (``[B * C]``) with ``per_channel=False``.
     """
     batch, channels, height, width = x.shape
-    mask = [False, True, True]
-    if x.is_contiguous() and grad.is_contiguous():
-        if per_channel:
-            mean, invstd = mean.repeat(batch), invstd.repeat(batch)
-        as_pairs = (1, batch * channels, height, width)
-        _, dot, total = torch.ops.aten.native_batch_norm_backward(
-            grad.view(as_pairs), x.view(as_pairs), None, None, None, mean, invstd, True, 0.0, mask
-        )
-        return total.view(batch, channels), dot.view(batch, channels)
-    totals, dots = [], []
-    for sample in range(batch):
-        pairs = slice(None) if per_channel else slice(sample * channels, (sample + 1) * channels)
-        _, dot, total = torch.ops.aten.native_batch_norm_backward(
-            grad[sample : sample + 1], x[sample : sample + 1], None, None, None, mean[pairs], invstd[pairs], True, 0.0, mask
-        )
-        totals.append(total)
-        dots.append(dot)
-    return torch.stack(totals), torch.stack(dots)
+    if not (x.is_contiguous() and grad.is_contiguous()):
+        totals = grad.sum((2, 3))
+        dots = torch.mul(grad, x, out=scratch).sum((2, 3))
+        shape = (channels,) if per_channel else (batch, channels)
+        # sum(grad * (x - mean)) = sum(grad * x) - mean * sum(grad)
+        return totals, dots.sub_(totals * mean.view(shape)).mul_(invstd.view(shape))
+    if per_channel:
+        mean, invstd = mean.repeat(batch), invstd.repeat(batch)
+    as_pairs = (1, batch * channels, height, width)
+    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+        grad.view(as_pairs), x.view(as_pairs), None, None, None, mean, invstd, True, 0.0, [False, True, True]
+    )
+    return total.view(batch, channels), dot.view(batch, channels)
 
 
 def _fused_dot_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -319,10 +321,11 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
     ``y = weight * x_hat + bias``), so the backward reads the gradient and the
     convolution output once for all reductions (:func:`pair_reductions`) and
     writes the input gradient as ``a * grad + b * x + c`` with per-(sample,
-    channel) coefficients in two passes: ECA costs the block no pass over
-    memory beyond the forward's channel means. The forward is BatchNorm's own
-    kernel (running statistics updated as ``nn.BatchNorm2d`` updates them),
-    then ``relu(y * gate + shortcut)`` written over ``y``.
+    channel) coefficients in two passes. In the forward, the sums per
+    (sample, channel) that ECA's means need also give BatchNorm its batch
+    mean (:func:`normalise_batch`), running statistics are updated as
+    ``nn.BatchNorm2d`` updates them, and ``relu(y * gate + shortcut)`` is
+    written over ``y``.
 
     Saved for the backward: the convolution output (BatchNorm keeps it too), the
     block output (which the next convolution keeps) and ``[B, C]`` vectors.
@@ -341,9 +344,9 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> torch.Tensor:
-        y, mean, invstd = torch.native_batch_norm(x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
+        y, mean, invstd, pair_sums = normalise_batch(x, norm_weight, norm_bias, running_mean, running_var, momentum, eps)
         # The channel means of y, from those of x: y is x normalised and scaled per channel.
-        normalised_means = (x.mean((2, 3)) - mean) * invstd
+        normalised_means = (pair_sums / (x.shape[2] * x.shape[3]) - mean) * invstd
         means = torch.addcmul(norm_bias, normalised_means, norm_weight)
         gate = torch.sigmoid(shifted_channel_conv(means, eca_weight))
         out = torch.addcmul(shortcut, y, gate[..., None, None], out=y).relu_()
@@ -358,7 +361,8 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         spatial_size = height * width
         count = batch * spatial_size
         grad_sum = torch.ops.aten.threshold_backward(grad_out, out, 0)
-        grad_total, grad_dot_normalised = pair_reductions(grad_sum, x, mean, invstd)
+        grad_x = torch.empty_like(x)
+        grad_total, grad_dot_normalised = pair_reductions(grad_sum, x, mean, invstd, scratch=grad_x)
         # sum(grad * y) per pair, y = weight * x_hat + bias: what the gate's gradient needs.
         grad_gate = torch.addcmul(norm_bias * grad_total, norm_weight, grad_dot_normalised)
         grad_logit = torch.ops.aten.sigmoid_backward(grad_gate, gate)
@@ -373,10 +377,71 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         scale = norm_weight * invstd
         coef_x = scale * invstd * grad_norm_weight / -count
         constant = scale * (grad_means / spatial_size - grad_norm_bias / count) - coef_x * mean
-        grad_x = torch.empty_like(x)
         torch.addcmul(constant[..., None, None], grad_sum, (scale * gate)[..., None, None], out=grad_x)
         grad_x.addcmul_(x, coef_x[:, None, None])
         return grad_x, grad_sum, grad_norm_weight, grad_norm_bias, grad_eca_weight, None, None, None, None
+
+
+def normalise_batch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm in training, ``(y, mean, invstd)`` as ``torch.native_batch_norm`` returns them, and ``x``'s pair sums.
+
+    BatchNorm's CPU kernel is fast on channels_last tensors; on contiguous
+    (NCHW) ones its statistics cost ten times a read, so there they come from
+    :func:`batch_statistics` and the kernel only normalises.
+    """
+    if not x.is_contiguous():
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        return y, mean, invstd, x.sum((2, 3))
+    pair_sums, mean, var = batch_statistics(x)
+    y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+    update_running_statistics(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return y, mean, var.add_(eps).rsqrt_(), pair_sums
+
+
+# Beyond this (mean / std)^2 the variance from sums loses too many float32 digits (see batch_statistics).
+WELL_CONDITIONED = 25.0
+
+
+def batch_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (sample, channel) sums ``[B, C]``, and per channel the batch mean and biased variance ``[C]``.
+
+    BatchNorm's own CPU kernel takes the statistics of a contiguous (NCHW)
+    tensor with a Welford reduction about ten times slower than a plain read
+    of it. Here the pair sums (which ECA needs anyway) give the mean, and one
+    more read, BatchNorm's backward kernel asked for ``sum(x * (x - mean))``
+    per channel, gives the centred second moment. That identity subtracts
+    ``mean * sum(x - mean)``, whose rounding grows as ``(mean / std)^2`` float
+    roundings: where a channel's mean exceeds five standard deviations, the
+    statistics are taken again with a Welford reduction (``torch.var_mean``).
+    """
+    count = x.numel() // x.shape[1]
+    pair_sums = x.sum((2, 3))
+    sums = pair_sums.sum(0)
+    mean = sums / count
+    ones = torch.ones_like(mean)
+    dot = torch.ops.aten.native_batch_norm_backward(x, x, None, None, None, mean, ones, True, 0.0, [False, True, False])[1]
+    # sum((x - mean)^2) = sum(x * (x - mean)) - mean * sum(x - mean); the last sum is zero but for rounding.
+    var = (dot - mean * (sums - mean * count)).div_(count)
+    if bool((mean.square() > WELL_CONDITIONED * var).any()):
+        var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+    return pair_sums, mean, var
+
+
+def update_running_statistics(
+    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: int, momentum: float
+) -> None:
+    """What ``nn.BatchNorm2d`` does to its buffers in a training step: the variance enters unbiased."""
+    with torch.no_grad():
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
 
 
 def folds_batch_norm(x: torch.Tensor, norm: nn.Module) -> bool:
@@ -396,6 +461,7 @@ def folds_batch_norm(x: torch.Tensor, norm: nn.Module) -> bool:
         and not launch_bound(x)
         and x.dtype == torch.float32
         and x.dim() == 4
+        and x.numel() > x.shape[1]  # one value per channel: BatchNorm itself raises
         and not _tracing()
     )
 

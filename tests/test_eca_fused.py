@@ -18,8 +18,10 @@ from models.eca_module import (
     ECAGateFunction,
     ECANormResidualReLUFunction,
     ECAResidualReLUFunction,
+    batch_statistics,
     eca_layer,
     gate_logits,
+    pair_reductions,
     shifted_channel_conv,
     spatial_dot,
 )
@@ -548,3 +550,35 @@ def test_batch_norm_is_called_where_folding_does_not_apply():
     block.float().bn2 = CustomBatchNorm(64)
     out = block(x)
     assert type(out.grad_fn).__name__ != "ECANormResidualReLUFunctionBackward"
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+@pytest.mark.parametrize(
+    "scale,shift", [(1.0, 0.0), (1.0, 4.0), (0.01, 100.0), (0.0, 5.0)], ids=["centred", "offset", "ill-conditioned", "constant"]
+)
+def test_batch_statistics_match_float64_reference(format_name, scale, shift):
+    """float32 statistics as close as BatchNorm's own, including channels far off zero (the Welford fallback)."""
+    x = make_input((8, 16, 12, 12), MEMORY_FORMATS[format_name], dtype=torch.float32, seed=50) * scale + shift
+    pair_sums, mean, var = batch_statistics(x)
+    reference = x.double()
+    torch.testing.assert_close(pair_sums.double(), reference.sum((2, 3)), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(mean.double(), reference.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var.double(), reference.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
+def test_pair_reductions_match_their_definition(format_name):
+    memory_format = MEMORY_FORMATS[format_name]
+    grad, x = (make_input((3, 5, 6, 7), memory_format, seed=seed) for seed in (51, 52))
+    mean, invstd = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    scratch = torch.empty_like(x)
+    totals, dots = pair_reductions(grad, x, mean, invstd, scratch=scratch)
+    torch.testing.assert_close(totals, grad.sum((2, 3)), rtol=1e-12, atol=1e-12)
+    normalised = (x - mean[:, None, None]) * invstd[:, None, None]
+    torch.testing.assert_close(dots, (grad * normalised).sum((2, 3)), rtol=1e-12, atol=1e-12)
+
+
+def test_folded_block_refuses_one_value_per_channel_as_batch_norm_does():
+    block = ARCHITECTURES["eca_resnet18"](num_classes=10).layer4[0].train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        block(torch.randn(1, 256, 2, 2))
