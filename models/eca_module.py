@@ -35,14 +35,14 @@ In float64 every forward operation rounds exactly as the original module
 so float64 logits are bit-identical to the original release's models.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "batch_statistics", "normalise_batch", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormResidualReLUFunction"]
+__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "channel_taps", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "batch_statistics", "normalise_batch", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormResidualReLUFunction"]
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -64,7 +64,7 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, to
     if launch_bound(x):
         padding = (weight.shape[-1] - 1) // 2
         return means, F.conv1d(means.unsqueeze(1), weight, padding=padding).squeeze(1)
-    return means, shifted_channel_conv(means, weight)
+    return means, shifted_channel_conv(means, channel_taps(weight))
 
 
 def launch_bound(x: torch.Tensor) -> bool:
@@ -83,21 +83,31 @@ def _reference_gate_logits(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch
     return pooled.flatten(1), logits.transpose(-1, -2).flatten(1)
 
 
-def shifted_channel_conv(means: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The channel correlation as k shifted multiply-adds: a few tiny ops instead of one costly Conv1d call."""
-    taps = weight.reshape(-1)
-    k = taps.shape[0]
+def channel_taps(weight: torch.Tensor) -> List[float]:
+    """The ``[1, 1, k]`` Conv1d kernel as k Python numbers, to scale slices by without indexing a tensor."""
+    return weight.tolist()[0][0]
+
+
+def shifted_channel_conv(means: torch.Tensor, taps: Sequence[float]) -> torch.Tensor:
+    """The zero-padded channel correlation as k multiply-adds on shifted slices of ``means`` ``[B, C]``.
+
+    A few tiny operations of two kinds instead of one costly ``Conv1d`` call:
+    on the CPU what a tiny operation costs is mostly the first call of its kind
+    after a large kernel has evicted the dispatcher's code and data from the
+    caches, so the kinds are kept to a product and an in-place add.
+    """
     channels = means.shape[-1]
-    padded = F.pad(means, ((k - 1) // 2, (k - 1) // 2))
-    out = padded[:, :channels] * taps[0]
-    for j in range(1, k):
-        out = torch.addcmul(out, padded[:, j : j + channels], taps[j])
+    half = (len(taps) - 1) // 2
+    out = means * taps[half]
+    for offset in range(1, min(half, channels - 1) + 1):
+        out[:, :-offset].add_(means[:, offset:], alpha=taps[half + offset])
+        out[:, offset:].add_(means[:, :-offset], alpha=taps[half - offset])
     return out
 
 
-def channel_conv_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def channel_conv_input_grad(grad: torch.Tensor, taps: Sequence[float]) -> torch.Tensor:
     """Gradient of the channel correlation w.r.t. its input: the same correlation with the kernel reversed."""
-    return shifted_channel_conv(grad, weight.reshape(-1).flip(0))
+    return shifted_channel_conv(grad, taps[::-1])
 
 
 def channel_conv_weight_grad(grad: torch.Tensor, means: torch.Tensor, k: int) -> torch.Tensor:
@@ -240,7 +250,7 @@ class ECAGateFunction(torch.autograd.Function):
                 grad_weight = channel_conv_weight_grad(grad_logit, means, weight.shape[-1])
             if needs_x:
                 spatial_size = x.shape[2] * x.shape[3]
-                grad_means = channel_conv_input_grad(grad_logit, weight) / spatial_size
+                grad_means = channel_conv_input_grad(grad_logit, channel_taps(weight)) / spatial_size
                 grad_x = torch.addcmul(grad_means[..., None, None], grad_out, gate, out=spent_x)
         grad_shortcut = grad_out if ctx.has_shortcut and needs_shortcut else None
         return grad_x, grad_shortcut, grad_weight, None
@@ -305,7 +315,7 @@ class ECAResidualReLUFunction(torch.autograd.Function):
         # d sigmoid = gate * (1 - gate), and gated_dot already carries the gate.
         grad_logit = gated_dot * (1 - gate.flatten(1))
         grad_weight = channel_conv_weight_grad(grad_logit, means, weight.shape[-1])
-        grad_means = channel_conv_input_grad(grad_logit, weight) / (out.shape[2] * out.shape[3])
+        grad_means = channel_conv_input_grad(grad_logit, channel_taps(weight)) / (out.shape[2] * out.shape[3])
         grad_x = torch.addcmul(grad_means[..., None, None], grad_sum, gate, out=scratch)
         return grad_x, grad_sum, grad_weight
 
@@ -348,7 +358,7 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         # The channel means of y, from those of x: y is x normalised and scaled per channel.
         normalised_means = (pair_sums / (x.shape[2] * x.shape[3]) - mean) * invstd
         means = torch.addcmul(norm_bias, normalised_means, norm_weight)
-        gate = torch.sigmoid(shifted_channel_conv(means, eca_weight))
+        gate = torch.sigmoid(shifted_channel_conv(means, channel_taps(eca_weight)))
         out = torch.addcmul(shortcut, y, gate[..., None, None], out=y).relu_()
         ctx.save_for_backward(x, out, norm_weight, norm_bias, eca_weight, mean, invstd, normalised_means, means, gate)
         return out
@@ -367,7 +377,7 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         grad_gate = torch.addcmul(norm_bias * grad_total, norm_weight, grad_dot_normalised)
         grad_logit = torch.ops.aten.sigmoid_backward(grad_gate, gate)
         grad_eca_weight = channel_conv_weight_grad(grad_logit, means, eca_weight.shape[-1])
-        grad_means = channel_conv_input_grad(grad_logit, eca_weight)
+        grad_means = channel_conv_input_grad(grad_logit, channel_taps(eca_weight))
         # The gradient reaching y is gate * grad + grad_means / (H * W) per pair; BatchNorm's
         # weight and bias gradients are its per-channel sums with x_hat and with 1.
         grad_norm_bias = torch.addcmul(grad_means, gate, grad_total).sum(0)
@@ -475,13 +485,15 @@ def _momentum_of_step(norm: nn.BatchNorm2d) -> float:
 
 
 def _tracing() -> bool:
-    """True while a graph is being captured, where the plain ops export and compile best."""
+    """True while a graph is being captured, where the plain ops export and compile best.
+
+    ONNX export is covered: its TorchScript exporter traces, its dynamo one exports.
+    """
     return (
         torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
     )
 
 

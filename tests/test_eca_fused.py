@@ -19,6 +19,7 @@ from models.eca_module import (
     ECANormResidualReLUFunction,
     ECAResidualReLUFunction,
     batch_statistics,
+    channel_taps,
     eca_layer,
     gate_logits,
     pair_reductions,
@@ -113,12 +114,14 @@ def test_fused_layer_float32_close_to_plain(k, format_name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", KERNEL_SIZES)
-def test_shifted_channel_conv_equals_conv1d(k, dtype):
-    means = torch.randn(4, 37, dtype=dtype)
+@pytest.mark.parametrize("channels", [37, 3, 1])  # kernels wider than the channels see zero padding only
+def test_shifted_channel_conv_equals_conv1d(k, dtype, channels):
+    means = torch.randn(4, channels, dtype=dtype)
     weight = torch.randn(1, 1, k, dtype=dtype)
     expected = F.conv1d(means.unsqueeze(1), weight, padding=(k - 1) // 2).squeeze(1)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(shifted_channel_conv(means, weight), expected, rtol=tolerance, atol=tolerance)
+    result = shifted_channel_conv(means, channel_taps(weight))
+    torch.testing.assert_close(result, expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
