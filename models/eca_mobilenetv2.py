@@ -63,12 +63,11 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        *branch, eca = self.conv
+        *branch, norm, eca = self.conv
         out = x
         for layer in branch:
             out = layer(out)
-        # ``out`` is this block's own temporary, so inference may overwrite it.
-        return eca.forward_add(out, x, reuse_input=True) if self.use_res_connect else eca(out, reuse_input=True)
+        return eca.forward_norm(out, norm, x if self.use_res_connect else None)
 
 
 def default_block_kernel_sizes() -> Tuple[int, ...]:

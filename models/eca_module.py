@@ -20,7 +20,7 @@ map. The implementation below keeps those to the minimum:
   (:func:`spatial_dot`); in a ResNet block the last BatchNorm's backward and
   ECA's share their reductions, one read of the gradient for both, and in
   the forward ECA's channel sums give BatchNorm its batch mean
-  (:class:`ECANormResidualReLUFunction`);
+  (:class:`ECANormGateFunction`);
 * the k-tap convolution across channels runs on a ``[B, C]`` matrix as k
   shifted multiply-adds, avoiding ``Conv1d``'s large fixed cost per call.
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "channel_taps", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "batch_statistics", "normalise_batch", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormResidualReLUFunction"]
+__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "channel_taps", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "batch_statistics", "normalise_batch", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormGateFunction"]
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -320,8 +320,12 @@ class ECAResidualReLUFunction(torch.autograd.Function):
         return grad_x, grad_sum, grad_weight
 
 
-class ECANormResidualReLUFunction(torch.autograd.Function):
-    """``relu(eca(batch_norm(x)) + shortcut)`` in training: a ResNet block's end from its last convolution.
+class ECANormGateFunction(torch.autograd.Function):
+    """``relu(eca(batch_norm(x)) + shortcut)`` in training: a block's end from its last convolution.
+
+    The shortcut (``None``) and the ReLU (``relu=False``) are optional:
+    ResNet blocks take both, MobileNetV2's linear bottlenecks neither or the
+    shortcut alone.
 
     Folding the block's last BatchNorm (batch statistics) into the layer lets
     one backward serve both. BatchNorm's own backward reduces ``grad`` and
@@ -353,14 +357,25 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         running_var: torch.Tensor,
         momentum: float,
         eps: float,
+        relu: bool = True,
     ) -> torch.Tensor:
         y, mean, invstd, pair_sums = normalise_batch(x, norm_weight, norm_bias, running_mean, running_var, momentum, eps)
         # The channel means of y, from those of x: y is x normalised and scaled per channel.
         normalised_means = (pair_sums / (x.shape[2] * x.shape[3]) - mean) * invstd
         means = torch.addcmul(norm_bias, normalised_means, norm_weight)
         gate = torch.sigmoid(shifted_channel_conv(means, channel_taps(eca_weight)))
-        out = torch.addcmul(shortcut, y, gate[..., None, None], out=y).relu_()
-        ctx.save_for_backward(x, out, norm_weight, norm_bias, eca_weight, mean, invstd, normalised_means, means, gate)
+        if shortcut is None:
+            out = y.mul_(gate[..., None, None])
+        else:
+            out = torch.addcmul(shortcut, y, gate[..., None, None], out=y)
+        if relu:
+            out.relu_()
+        ctx.has_shortcut = shortcut is not None
+        ctx.relu = relu
+        # Without the ReLU the output is not needed: nothing is masked.
+        ctx.save_for_backward(
+            x, out if relu else None, norm_weight, norm_bias, eca_weight, mean, invstd, normalised_means, means, gate
+        )
         return out
 
     @staticmethod
@@ -370,7 +385,7 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         batch, _, height, width = x.shape
         spatial_size = height * width
         count = batch * spatial_size
-        grad_sum = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        grad_sum = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
         grad_x = torch.empty_like(x)
         grad_total, grad_dot_normalised = pair_reductions(grad_sum, x, mean, invstd, scratch=grad_x)
         # sum(grad * y) per pair, y = weight * x_hat + bias: what the gate's gradient needs.
@@ -389,7 +404,8 @@ class ECANormResidualReLUFunction(torch.autograd.Function):
         constant = scale * (grad_means / spatial_size - grad_norm_bias / count) - coef_x * mean
         torch.addcmul(constant[..., None, None], grad_sum, (scale * gate)[..., None, None], out=grad_x)
         grad_x.addcmul_(x, coef_x[:, None, None])
-        return grad_x, grad_sum, grad_norm_weight, grad_norm_bias, grad_eca_weight, None, None, None, None
+        grad_shortcut = grad_sum if ctx.has_shortcut else None
+        return grad_x, grad_shortcut, grad_norm_weight, grad_norm_bias, grad_eca_weight, None, None, None, None, None
 
 
 def normalise_batch(
@@ -439,8 +455,9 @@ def batch_statistics(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch
     ones = torch.ones_like(mean)
     dot = torch.ops.aten.native_batch_norm_backward(x, x, None, None, None, mean, ones, True, 0.0, [False, True, False])[1]
     # sum((x - mean)^2) = sum(x * (x - mean)) - mean * sum(x - mean); the last sum is zero but for rounding.
-    var = (dot - mean * (sums - mean * count)).div_(count)
-    if bool((mean.square() > WELL_CONDITIONED * var).any()):
+    var = torch.addcmul(dot, mean, torch.sub(sums, mean, alpha=count), value=-1).div_(count)
+    # mean^2 > WELL_CONDITIONED * var anywhere, a non-positive var included
+    if torch.addcmul(var, mean, mean, value=-1 / WELL_CONDITIONED).min().item() < 0:
         var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
     return pair_sums, mean, var
 
@@ -449,13 +466,12 @@ def update_running_statistics(
     running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: int, momentum: float
 ) -> None:
     """What ``nn.BatchNorm2d`` does to its buffers in a training step: the variance enters unbiased."""
-    with torch.no_grad():
-        running_mean.lerp_(mean, momentum)
-        running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+    running_mean.lerp_(mean, momentum)
+    running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
 
 
 def folds_batch_norm(x: torch.Tensor, norm: nn.Module) -> bool:
-    """Whether :class:`ECANormResidualReLUFunction` can stand in for ``norm`` and the block's end.
+    """Whether :class:`ECANormGateFunction` can stand in for ``norm`` and the block's end.
 
     Eager float32 training on the CPU, where passes over memory are the cost,
     with a plain ``BatchNorm2d`` using batch statistics; anything else
@@ -556,14 +572,28 @@ class eca_layer(nn.Module):
         """``self.forward_add_relu(norm(x), shortcut)``, with ``norm`` folded in where it pays.
 
         ``x`` is the block's last convolution output, ``norm`` its BatchNorm. In
-        CPU training the two backwards become one (:class:`ECANormResidualReLUFunction`);
+        CPU training the two backwards become one (:class:`ECANormGateFunction`);
         elsewhere ``norm`` is called as usual (its forward hooks run only then).
         """
         if not folds_batch_norm(x, norm):
             return self.forward_add_relu(norm(x), shortcut)
+        return self._folded(x, norm, shortcut, relu=True)
+
+    def forward_norm(self, x: torch.Tensor, norm: nn.Module, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``self(norm(x)) (+ shortcut)``, with ``norm`` folded in where it pays (see :meth:`forward_norm_add_relu`).
+
+        ``norm(x)`` is a temporary nothing else reads, so inference writes the result over it.
+        """
+        if folds_batch_norm(x, norm):
+            return self._folded(x, norm, shortcut, relu=False)
+        if shortcut is None:
+            return self(norm(x), reuse_input=True)
+        return self.forward_add(norm(x), shortcut, reuse_input=True)
+
+    def _folded(self, x: torch.Tensor, norm: nn.BatchNorm2d, shortcut: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
         momentum = _momentum_of_step(norm)
-        return ECANormResidualReLUFunction.apply(
-            x, shortcut, norm.weight, norm.bias, self.conv.weight, norm.running_mean, norm.running_var, momentum, norm.eps
+        return ECANormGateFunction.apply(
+            x, shortcut, norm.weight, norm.bias, self.conv.weight, norm.running_mean, norm.running_var, momentum, norm.eps, relu
         )
 
     def _gated(self, x: torch.Tensor, shortcut: Optional[torch.Tensor], reuse_input: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from models import ARCHITECTURES
 from models.eca_module import (
     ECAGateFunction,
-    ECANormResidualReLUFunction,
+    ECANormGateFunction,
     ECAResidualReLUFunction,
     batch_statistics,
     channel_taps,
@@ -443,21 +443,29 @@ def test_second_derivatives_are_refused_not_wrong(arch):
 # ---------------------------------------------------------------- BatchNorm folded into the block's end
 
 
-def norm_block_end(norm: nn.BatchNorm2d, layer, x, shortcut, grad_out, folded: bool):
-    """relu(eca(norm(x)) + shortcut) forward and backward; the gradients of every input and parameter."""
+# How a block ends after ECA: ResNet's add and ReLU, MobileNetV2's add alone, or nothing.
+BLOCK_ENDS = {"add_relu": (True, True), "add": (True, False), "plain": (False, False)}
+
+
+def norm_block_end(norm: nn.BatchNorm2d, layer, x, shortcut, grad_out, folded: bool, end: str = "add_relu"):
+    """relu(eca(norm(x)) + shortcut) (or the given ``end``) forward and backward; every input's and parameter's gradient."""
+    has_shortcut, relu = BLOCK_ENDS[end]
     x = x.detach().clone().requires_grad_(True)
-    shortcut = shortcut.detach().clone().requires_grad_(True)
+    shortcut = shortcut.detach().clone().requires_grad_(True) if has_shortcut else None
     norm.zero_grad(set_to_none=True)
     layer.zero_grad(set_to_none=True)
     if folded:
-        out = ECANormResidualReLUFunction.apply(
+        out = ECANormGateFunction.apply(
             x, shortcut, norm.weight, norm.bias, layer.conv.weight, norm.running_mean, norm.running_var,
-            norm.momentum, norm.eps,
+            norm.momentum, norm.eps, relu,
         )
     else:
-        out = torch.relu(layer(norm(x)) + shortcut)
+        out = layer(norm(x))
+        out = out + shortcut if has_shortcut else out
+        out = torch.relu(out) if relu else out
     out.backward(grad_out)
-    grads = (x.grad, shortcut.grad, norm.weight.grad, norm.bias.grad, layer.conv.weight.grad)
+    shortcut_grad = shortcut.grad if has_shortcut else None
+    grads = (x.grad, shortcut_grad, norm.weight.grad, norm.bias.grad, layer.conv.weight.grad)
     return out.detach(), grads, (norm.running_mean.clone(), norm.running_var.clone())
 
 
@@ -472,64 +480,83 @@ def paired_norms(channels: int, dtype=torch.float64):
     return norm, twin
 
 
+@pytest.mark.parametrize("end", list(BLOCK_ENDS))
 @pytest.mark.parametrize("spatial", SPATIAL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
 @pytest.mark.parametrize("k", KERNEL_SIZES)
-def test_folded_batch_norm_matches_plain_formulation(k, format_name, spatial):
+def test_folded_batch_norm_matches_plain_formulation(k, format_name, spatial, end):
     memory_format = MEMORY_FORMATS[format_name]
     x, shortcut, grad_out = block_inputs(format_name, spatial, seed=41)
     x = x * 3 + 1  # statistics far from 0 and 1
     fused, plain = paired_layers(24, k)
     norm, plain_norm = paired_norms(24)
 
-    out, grads, stats = norm_block_end(norm, fused, x, shortcut, grad_out, folded=True)
-    ref_out, ref_grads, ref_stats = norm_block_end(plain_norm, plain, x, shortcut, grad_out, folded=False)
+    out, grads, stats = norm_block_end(norm, fused, x, shortcut, grad_out, folded=True, end=end)
+    ref_out, ref_grads, ref_stats = norm_block_end(plain_norm, plain, x, shortcut, grad_out, folded=False, end=end)
 
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     assert out.is_contiguous(memory_format=memory_format)
-    assert (out == 0).any() and (out > 0).any()
+    if BLOCK_ENDS[end][1]:
+        assert (out == 0).any() and (out > 0).any()
     names = ("x", "shortcut", "norm weight", "norm bias", "eca kernel")
     for name, grad, reference in zip(names, grads, ref_grads, strict=True):
+        if reference is None:
+            assert grad is None, name
+            continue
         torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-11, msg=name)
     assert grads[0].is_contiguous(memory_format=memory_format)
     for value, reference in zip(stats, ref_stats, strict=True):
         torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("end", list(BLOCK_ENDS))
 @pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
 @pytest.mark.parametrize("k", (1, 3, 5))
-def test_folded_batch_norm_backward_gradcheck(k, format_name):
+def test_folded_batch_norm_backward_gradcheck(k, format_name, end):
+    has_shortcut, relu = BLOCK_ENDS[end]
     x, shortcut = gradcheck_inputs(format_name, seed=44)
     norm_weight = torch.randn(7, dtype=torch.float64, requires_grad=True)
     norm_bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     eca_weight = torch.randn(1, 1, k, dtype=torch.float64, requires_grad=True)
 
-    def block_end(x, shortcut, norm_weight, norm_bias, eca_weight):
+    def block_end(x, norm_weight, norm_bias, eca_weight, *shortcut):
         running_mean, running_var = torch.zeros(7, dtype=torch.float64), torch.ones(7, dtype=torch.float64)
-        return ECANormResidualReLUFunction.apply(
-            x, shortcut, norm_weight, norm_bias, eca_weight, running_mean, running_var, 0.1, 1e-5
+        return ECANormGateFunction.apply(
+            x, *(shortcut or (None,)), norm_weight, norm_bias, eca_weight, running_mean, running_var, 0.1, 1e-5, relu
         )
 
-    assert torch.autograd.gradcheck(block_end, (x, shortcut, norm_weight, norm_bias, eca_weight))
+    inputs = (x, norm_weight, norm_bias, eca_weight) + ((shortcut,) if has_shortcut else ())
+    assert torch.autograd.gradcheck(block_end, inputs)
 
 
+# A block, the BatchNorm it folds, and its input shape: ResNet's bottleneck, MobileNetV2's blocks without and with residual.
+FOLDING_BLOCKS = {
+    "resnet50_bottleneck": (lambda: ARCHITECTURES["eca_resnet50"](num_classes=10).layer1[1], lambda b: b.bn3, (2, 256, 8, 8)),
+    "mobilenet_v2_plain": (lambda: ARCHITECTURES["eca_mobilenet_v2"](num_classes=10).features[1], lambda b: b.conv[2], (2, 32, 8, 8)),
+    "mobilenet_v2_residual": (lambda: ARCHITECTURES["eca_mobilenet_v2"](num_classes=10).features[3], lambda b: b.conv[3], (2, 24, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("block_name", list(FOLDING_BLOCKS))
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_block_with_folded_norm_trains_like_its_batch_norm(momentum):
+def test_block_with_folded_norm_trains_like_its_batch_norm(momentum, block_name):
     """A float32 training block folds its BatchNorm; statistics, counter and results follow nn.BatchNorm2d."""
+    make_block, norm_of, shape = FOLDING_BLOCKS[block_name]
     torch.manual_seed(0)
-    block = ARCHITECTURES["eca_resnet50"](num_classes=10).layer1[1].train()
-    block.bn3.momentum = momentum
+    block = make_block().train()
+    norm_of(block).momentum = momentum
     twin = copy.deepcopy(block)
     for step in range(3):
-        x = torch.randn(2, 256, 8, 8) * (step + 1)
+        x = torch.randn(shape) * (step + 1)
         out = block(x)
-        assert type(out.grad_fn).__name__ == "ECANormResidualReLUFunctionBackward"
+        assert type(out.grad_fn).__name__ == "ECANormGateFunctionBackward"
         with torch.no_grad():  # the block's own BatchNorm, then the layer's inference path
             expected = twin(x)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(block.bn3.running_mean, twin.bn3.running_mean, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(block.bn3.running_var, twin.bn3.running_var, rtol=1e-5, atol=1e-6)
-        assert block.bn3.num_batches_tracked.item() == twin.bn3.num_batches_tracked.item() == step + 1
+        norm, twin_norm = norm_of(block), norm_of(twin)
+        torch.testing.assert_close(norm.running_mean, twin_norm.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm.running_var, twin_norm.running_var, rtol=1e-5, atol=1e-6)
+        assert norm.num_batches_tracked.item() == twin_norm.num_batches_tracked.item() == step + 1
 
 
 def test_batch_norm_is_called_where_folding_does_not_apply():
@@ -552,7 +579,7 @@ def test_batch_norm_is_called_where_folding_does_not_apply():
     assert len(calls) == 3
     block.float().bn2 = CustomBatchNorm(64)
     out = block(x)
-    assert type(out.grad_fn).__name__ != "ECANormResidualReLUFunctionBackward"
+    assert type(out.grad_fn).__name__ != "ECANormGateFunctionBackward"
 
 
 @pytest.mark.parametrize("format_name", list(MEMORY_FORMATS))
