@@ -69,7 +69,7 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, to
 
 def launch_bound(x: torch.Tensor) -> bool:
     """Whether ECA's cost on ``x``'s device is kernel launches (GPUs) rather than passes over memory (the CPU)."""
-    return x.device.type != "cpu"
+    return not x.is_cpu
 
 
 def _reference_gate_logits(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -558,12 +558,12 @@ class eca_layer(nn.Module):
         """
         if _tracing():
             return F.relu(apply_gate(x, self.gate(x), shortcut))
-        if launch_bound(x) and torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return _residual_relu_(x, self.gate(x), shortcut)
+        if launch_bound(x):
             # Autograd's backward of plain ops; the fresh output can take the ReLU in place.
             return apply_gate(x, self.gate(x), shortcut).relu_()
         weight = self.conv.weight
-        if not torch.is_grad_enabled():
-            return _residual_relu_(x, self.gate(x), shortcut)
         if recovers_gated_input(x):
             return ECAResidualReLUFunction.apply(x, shortcut, weight)
         return ECAGateFunction.apply(x, shortcut, weight, True).relu_()
