@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "channel_taps", "shifted_channel_conv", "apply_gate", "spatial_dot", "pair_reductions", "batch_statistics", "normalise_batch", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormGateFunction"]
+__all__ = ["eca_layer", "adaptive_kernel_size", "gate_logits", "launch_bound", "channel_taps", "shifted_channel_conv", "channel_means", "apply_gate", "spatial_dot", "pair_reductions", "batch_statistics", "normalise_batch", "ECAGateFunction", "ECAResidualReLUFunction", "ECANormGateFunction"]
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -58,13 +58,24 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, to
     """
     if x.dtype == torch.float64:
         return _reference_gate_logits(x, weight)
-    # AdaptiveAvgPool2d(1) dispatches to this very reduction; taking it as [B, C]
-    # skips the [B, C, 1, 1] -> [B, 1, C] reshaping that Conv1d needs.
-    means = x.mean((2, 3))
+    means = channel_means(x)
     if launch_bound(x):
         padding = (weight.shape[-1] - 1) // 2
         return means, F.conv1d(means.unsqueeze(1), weight, padding=padding).squeeze(1)
     return means, shifted_channel_conv(means, channel_taps(weight))
+
+
+def channel_means(x: torch.Tensor) -> torch.Tensor:
+    """The mean of every (sample, channel) map, ``[B, C]``.
+
+    On the CPU a channels_last tensor is averaged by pooling over the whole map,
+    whose kernel runs along the contiguous channels (about a third less time in
+    a ResNet-50 inference step than the generic reduction over H and W); NCHW
+    maps and GPUs take the reduction that ``AdaptiveAvgPool2d(1)`` dispatches to.
+    """
+    if x.is_contiguous() or launch_bound(x):
+        return x.mean((2, 3))
+    return F.avg_pool2d(x, x.shape[2:]).flatten(1)
 
 
 def launch_bound(x: torch.Tensor) -> bool:
@@ -359,9 +370,9 @@ class ECANormGateFunction(torch.autograd.Function):
         eps: float,
         relu: bool = True,
     ) -> torch.Tensor:
-        y, mean, invstd, pair_sums = normalise_batch(x, norm_weight, norm_bias, running_mean, running_var, momentum, eps)
+        y, mean, invstd, pair_means = normalise_batch(x, norm_weight, norm_bias, running_mean, running_var, momentum, eps)
         # The channel means of y, from those of x: y is x normalised and scaled per channel.
-        normalised_means = (pair_sums / (x.shape[2] * x.shape[3]) - mean) * invstd
+        normalised_means = (pair_means - mean) * invstd
         means = torch.addcmul(norm_bias, normalised_means, norm_weight)
         gate = torch.sigmoid(shifted_channel_conv(means, channel_taps(eca_weight)))
         if shortcut is None:
@@ -417,7 +428,7 @@ def normalise_batch(
     momentum: float,
     eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchNorm in training, ``(y, mean, invstd)`` as ``torch.native_batch_norm`` returns them, and ``x``'s pair sums.
+    """BatchNorm in training, ``(y, mean, invstd)`` as ``torch.native_batch_norm`` returns them, and ``x``'s :func:`channel_means`.
 
     BatchNorm's CPU kernel is fast on channels_last tensors; on contiguous
     (NCHW) ones its statistics cost ten times a read, so there they come from
@@ -425,11 +436,11 @@ def normalise_batch(
     """
     if not x.is_contiguous():
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        return y, mean, invstd, x.sum((2, 3))
+        return y, mean, invstd, channel_means(x)
     pair_sums, mean, var = batch_statistics(x)
     y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
     update_running_statistics(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    return y, mean, var.add_(eps).rsqrt_(), pair_sums
+    return y, mean, var.add_(eps).rsqrt_(), pair_sums / (x.shape[2] * x.shape[3])
 
 
 # Beyond this (mean / std)^2 the variance from sums loses too many float32 digits (see batch_statistics).
