@@ -16,6 +16,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple
@@ -69,6 +70,12 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+def not_a_checkpoint(path: str) -> str:
+    """The one line for a file that ``torch.load`` cannot read, saying what to pass instead."""
+    reason = "the file is empty" if os.path.getsize(path) == 0 else "it was not written by torch.save, or is damaged"
+    return f"{path!r} is not a PyTorch checkpoint ({reason}): pass a file saved by torch.save, e.g. a run's checkpoint.pth.tar"
+
+
 def read_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
     """Load ``path`` with ``weights_only=True``; a bad path or file raises :class:`UsageError`."""
     if not path:
@@ -78,7 +85,10 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} is not a file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # Another program's pickle draws a warning about its protocol before failing below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         refused = _refused_global(str(error))
         if refused:
@@ -87,10 +97,9 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
                 "checkpoints must hold only tensors and plain data (re-save it as a plain state_dict "
                 "if, and only if, you trust where it came from)"
             ) from None
-        raise UsageError(f"{path!r} is not a PyTorch checkpoint (its bytes do not unpickle)") from None
-    except Exception as error:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways; all mean "not a checkpoint"
-        reason = "the file is empty" if os.path.getsize(path) == 0 else f"reading it fails with {type(error).__name__}"
-        raise UsageError(f"{path!r} is not a PyTorch checkpoint ({reason})") from None
+        raise UsageError(not_a_checkpoint(path)) from None
+    except Exception:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways; all mean "not a checkpoint"
+        raise UsageError(not_a_checkpoint(path)) from None
 
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         contents = dict(obj)

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import pickle
 import re
 import select
 import shutil
@@ -171,6 +172,10 @@ def files(tmp_path_factory):
     }
     (root / "random.pth.tar").write_bytes(os.urandom(4096))
     (root / "notes.pth.tar").write_text("epoch: 3\nthese are my notes, not a checkpoint\n")
+    # pickle.dump instead of torch.save, in a protocol torch.load warns about.
+    made["a plain pickle"] = str(root / "pickled.pth.tar")
+    with open(made["a plain pickle"], "wb") as handle:
+        pickle.dump({"epoch": 3, "state_dict": {"fc.bias": [0.0, 1.0]}}, handle, protocol=4)
     (root / "empty.pth.tar").write_bytes(b"")
     (root / "folder.pth.tar").mkdir()
     # What a writer that is not atomic leaves behind when it is killed mid-write.
@@ -296,6 +301,7 @@ BAD_CHECKPOINTS = {
     "random bytes": ["not a PyTorch checkpoint"],
     "a text file": ["not a PyTorch checkpoint"],
     "an empty file": ["not a PyTorch checkpoint", "empty"],
+    "a plain pickle": ["not a PyTorch checkpoint", "torch.save"],
     "a truncated checkpoint": ["not a PyTorch checkpoint"],
 }
 CHECKPOINT_FLAGS = {"--resume": ["--resume"], "--init-from": ["--init-from"], "-e --resume": ["-e", "--resume"]}
