@@ -18,11 +18,12 @@ map. The implementation below keeps those to the minimum:
   expanded, divided copy and adding it in a further pass, and take the
   per-channel ``sum(grad * x)`` without writing the product
   (:func:`spatial_dot`); in a ResNet block the last BatchNorm's backward and
-  ECA's share their reductions, one read of the gradient for both, and in
-  the forward ECA's channel sums give BatchNorm its batch mean
+  ECA's share their reductions (one read of the gradient for both on NCHW),
+  and in the forward ECA's channel sums give BatchNorm its batch mean
   (:class:`ECANormGateFunction`);
-* the k-tap convolution across channels runs on a ``[B, C]`` matrix as k
-  shifted multiply-adds, avoiding ``Conv1d``'s large fixed cost per call.
+* the k-tap convolution across channels runs on a ``[B, C]`` matrix as a
+  product and in-place adds on shifted slices, avoiding ``Conv1d``'s large
+  fixed cost per call.
 
 That is the CPU's arithmetic, where passes over memory are the cost. On a GPU
 the passes are cheap and what ECA costs is the number of kernels launched, so
@@ -343,17 +344,18 @@ class ECANormGateFunction(torch.autograd.Function):
     ``grad * x_hat`` per channel and then writes the input gradient; ECA's needs
     ``sum(grad * y)`` per (sample, channel). The per-pair sums give all of these
     at once (the per-channel ones are their sums over the batch, and
-    ``y = weight * x_hat + bias``), so the backward reads the gradient and the
-    convolution output once for all reductions (:func:`pair_reductions`) and
-    writes the input gradient as ``a * grad + b * x + c`` with per-(sample,
-    channel) coefficients in two passes. In the forward, the sums per
-    (sample, channel) that ECA's means need also give BatchNorm its batch
-    mean (:func:`normalise_batch`), running statistics are updated as
-    ``nn.BatchNorm2d`` updates them, and ``relu(y * gate + shortcut)`` is
-    written over ``y``.
+    ``y = weight * x_hat + bias``), so the backward takes every reduction from
+    the gradient and the convolution output at once (:func:`pair_reductions`:
+    one read of both on NCHW) and writes the input gradient as
+    ``a * grad + b * x + c`` with per-(sample, channel) coefficients in two
+    passes. In the forward, ECA's channel means of ``x`` also give BatchNorm
+    its batch mean on NCHW (:func:`normalise_batch`), running statistics are
+    updated as ``nn.BatchNorm2d`` updates them, and ``relu(y * gate + shortcut)``
+    is written over ``y``.
 
     Saved for the backward: the convolution output (BatchNorm keeps it too), the
-    block output (which the next convolution keeps) and ``[B, C]`` vectors.
+    block output with the ReLU (which the next convolution keeps) and ``[B, C]``
+    vectors.
     """
 
     @staticmethod
