@@ -268,12 +268,19 @@ class ECAGateFunction(torch.autograd.Function):
         return grad_x, grad_shortcut, grad_weight, None
 
 
+def _gate_in_place(x: torch.Tensor, gate: torch.Tensor, shortcut: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x * gate (+ shortcut)`` written over ``x``, in one pass where the dtype allows."""
+    if shortcut is None:
+        return x.mul_(gate)
+    if x.dtype == torch.float64:
+        # Multiply, then add: the original's two roundings (see apply_gate).
+        return x.mul_(gate).add_(shortcut)
+    return torch.addcmul(shortcut, x, gate, out=x)
+
+
 def _residual_relu_(x: torch.Tensor, gate: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     """``relu(x * gate + shortcut)`` written over ``x``."""
-    if x.dtype == torch.float64:
-        # Two roundings, as the original (see apply_gate).
-        return x.mul_(gate).add_(shortcut).relu_()
-    return torch.addcmul(shortcut, x, gate, out=x).relu_()
+    return _gate_in_place(x, gate, shortcut).relu_()
 
 
 def recovers_gated_input(x: torch.Tensor) -> bool:
@@ -377,10 +384,7 @@ class ECANormGateFunction(torch.autograd.Function):
         normalised_means = (pair_means - mean) * invstd
         means = torch.addcmul(norm_bias, normalised_means, norm_weight)
         gate = torch.sigmoid(shifted_channel_conv(means, channel_taps(eca_weight)))
-        if shortcut is None:
-            out = y.mul_(gate[..., None, None])
-        else:
-            out = torch.addcmul(shortcut, y, gate[..., None, None], out=y)
+        out = _gate_in_place(y, gate[..., None, None], shortcut)
         if relu:
             out.relu_()
         ctx.has_shortcut = shortcut is not None
@@ -620,12 +624,7 @@ class eca_layer(nn.Module):
         gate = self.gate(x)
         if not reuse_input:
             return apply_gate(x, gate, shortcut)
-        if shortcut is None:
-            return x.mul_(gate)
-        if x.dtype == torch.float64:
-            # Multiply, then add: the original's two roundings (see apply_gate).
-            return x.mul_(gate).add_(shortcut)
-        return torch.addcmul(shortcut, x, gate, out=x)
+        return _gate_in_place(x, gate, shortcut)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, k_size={self.k_size}"
