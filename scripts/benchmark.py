@@ -37,7 +37,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "scripts")):
@@ -307,7 +307,25 @@ def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, OMP_NUM_THREADS {threads}), torch {torch.__version__}"
+    return (
+        f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, OMP_NUM_THREADS {threads}), "
+        f"torch {torch.__version__}, allocator: {describe_allocator(os.environ)}"
+    )
+
+
+def describe_allocator(environ: Mapping[str, str]) -> str:
+    """The settings that decide whether freed memory goes back to the OS, or "system default".
+
+    On the CPU a fresh feature map is paid in page faults unless the allocator
+    keeps freed memory, and what a page fault costs varies with the (virtual)
+    machine's state: these belong next to every CPU figure.
+    """
+    settings = sorted(
+        f"{name}={value}"
+        for name, value in environ.items()
+        if name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    )
+    return " ".join(settings) if settings else "system default"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from benchmark import REFERENCE_ROLE, format_profile, summarise
+from benchmark import REFERENCE_ROLE, describe_allocator, format_profile, summarise
 from conftest import run_script
 
 RATIO = r"\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)"
@@ -31,11 +31,18 @@ def test_quartiles_stay_within_the_measured_ratios():
     assert 0.5 <= ratio.low <= ratio.median <= ratio.high <= 1.0
 
 
+def test_allocator_settings_are_named_with_the_figures():
+    assert describe_allocator({"HOME": "/root", "OMP_NUM_THREADS": "2"}) == "system default"
+    environ = {"MALLOC_TRIM_THRESHOLD_": "4294967296", "LD_PRELOAD": "libjemalloc.so.2", "PATH": "/bin"}
+    assert describe_allocator(environ) == "LD_PRELOAD=libjemalloc.so.2 MALLOC_TRIM_THRESHOLD_=4294967296"
+
+
 def test_model_benchmark_prints_every_mode_and_format_with_ratios():
     result = run_script(
         "scripts/benchmark.py", "model", "-a", "eca_resnet18", "--batch-size", "2", "--image-size", "32",
         "--repeats", "2", "--warmup", "1", "--control", timeout=300, check=True,
     )
+    assert re.search(r"^machine: CPU .*, allocator: \S", result.stdout, re.MULTILINE)
     rows = [line for line in result.stdout.splitlines() if line.startswith("eca_resnet18")]
     assert [row.split()[1:3] for row in rows] == [
         ["train", "NCHW"], ["train", "channels_last"], ["inference", "NCHW"], ["inference", "channels_last"]
