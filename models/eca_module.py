@@ -186,9 +186,10 @@ def pair_reductions(
     if not (x.is_contiguous() and grad.is_contiguous()):
         totals = grad.sum((2, 3))
         dots = torch.mul(grad, x, out=scratch).sum((2, 3))
-        shape = (channels,) if per_channel else (batch, channels)
+        if not per_channel:
+            mean, invstd = mean.view(batch, channels), invstd.view(batch, channels)
         # sum(grad * (x - mean)) = sum(grad * x) - mean * sum(grad)
-        return totals, dots.sub_(totals * mean.view(shape)).mul_(invstd.view(shape))
+        return totals, dots.addcmul_(totals, mean, value=-1).mul_(invstd)
     if per_channel:
         mean, invstd = mean.repeat(batch), invstd.repeat(batch)
     as_pairs = (1, batch * channels, height, width)
@@ -385,12 +386,14 @@ class ECANormGateFunction(torch.autograd.Function):
         # The channel means of y, from those of x: y is x normalised and scaled per channel.
         normalised_means = (pair_means - mean) * invstd
         means = torch.addcmul(norm_bias, normalised_means, norm_weight)
-        gate = torch.sigmoid(shifted_channel_conv(means, channel_taps(eca_weight)))
+        taps = channel_taps(eca_weight)
+        gate = torch.sigmoid(shifted_channel_conv(means, taps))
         out = _gate_in_place(y, gate[..., None, None], shortcut)
         if relu:
             out.relu_()
         ctx.has_shortcut = shortcut is not None
         ctx.relu = relu
+        ctx.taps = taps  # the saved kernel's version check guards them too
         # Without the ReLU the output is not needed: nothing is masked.
         ctx.save_for_backward(
             x, out if relu else None, norm_weight, norm_bias, eca_weight, mean, invstd, normalised_means, means, gate
@@ -411,18 +414,20 @@ class ECANormGateFunction(torch.autograd.Function):
         grad_gate = torch.addcmul(norm_bias * grad_total, norm_weight, grad_dot_normalised)
         grad_logit = torch.ops.aten.sigmoid_backward(grad_gate, gate)
         grad_eca_weight = channel_conv_weight_grad(grad_logit, means, eca_weight.shape[-1])
-        grad_means = channel_conv_input_grad(grad_logit, channel_taps(eca_weight))
+        grad_means = channel_conv_input_grad(grad_logit, ctx.taps)
         # The gradient reaching y is gate * grad + grad_means / (H * W) per pair; BatchNorm's
         # weight and bias gradients are its per-channel sums with x_hat and with 1.
         grad_norm_bias = torch.addcmul(grad_means, gate, grad_total).sum(0)
         grad_norm_weight = torch.addcmul(gate * grad_dot_normalised, grad_means, normalised_means).sum(0)
         # BatchNorm's input gradient, scale * (grad_y - grad_bias / n - x_hat * grad_weight / n),
-        # as a * grad + b * x + c per pair, x_hat = (x - mean) * invstd.
+        # as a * grad - b * x / n + c per pair, x_hat = (x - mean) * invstd, with
+        # b = scale * invstd * grad_weight and c = scale * (grad_means - grad_bias / B) / (H * W) + b * mean / n.
         scale = norm_weight * invstd
-        coef_x = scale * invstd * grad_norm_weight / -count
-        constant = scale * (grad_means / spatial_size - grad_norm_bias / count) - coef_x * mean
+        x_coef = (scale * invstd).mul_(grad_norm_weight)
+        centred = torch.sub(grad_means, grad_norm_bias, alpha=1 / batch)
+        constant = torch.addcmul(x_coef * mean / count, scale, centred, value=1 / spatial_size)
         torch.addcmul(constant[..., None, None], grad_sum, (scale * gate)[..., None, None], out=grad_x)
-        grad_x.addcmul_(x, coef_x[:, None, None])
+        grad_x.addcmul_(x, x_coef[:, None, None], value=-1 / count)
         grad_shortcut = grad_sum if ctx.has_shortcut else None
         return grad_x, grad_shortcut, grad_norm_weight, grad_norm_bias, grad_eca_weight, None, None, None, None, None
 
