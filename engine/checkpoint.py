@@ -89,16 +89,14 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
             # Another program's pickle draws a warning about its protocol before failing below.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = _refused_global(str(error))
+    except Exception as error:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways; all mean "not a checkpoint"
+        refused = _refused_global(str(error)) if isinstance(error, pickle.UnpicklingError) else None
         if refused:
             raise UsageError(
                 f"refused to load {path!r}: its pickle calls {refused}, which could run code; "
                 "checkpoints must hold only tensors and plain data (re-save it as a plain state_dict "
                 "if, and only if, you trust where it came from)"
             ) from None
-        raise UsageError(not_a_checkpoint(path)) from None
-    except Exception:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways; all mean "not a checkpoint"
         raise UsageError(not_a_checkpoint(path)) from None
 
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
