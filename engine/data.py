@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, T
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
+from torchcodec.decoders import decode_image
 from torchvision.transforms import v2
 
 from .distributed import DistContext
@@ -101,19 +101,26 @@ def list_samples(split_dir: str, classes: Sequence[str]) -> List[Tuple[str, int]
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """The image at ``path`` as a uint8 ``[3, H, W]`` tensor; raises ``ValueError`` if it can't be read."""
+    """The image at ``path`` as a uint8 ``[3, H, W]`` tensor; raises ``ValueError`` if it can't be read.
+
+    TorchCodec decodes JPEG, PNG, WebP and GIF (torchvision's own decoders are
+    deprecated in its favour); PIL reads the rest. An animated image gives its
+    first frame, as PIL opens it.
+    """
     try:
         with open(path, "rb") as handle:
             data = handle.read()
         if not data:
             raise ValueError("empty file")
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
     except (RuntimeError, ValueError, OSError) as error:
         return _decode_with_pil(path, error)
+    return image[0] if image.dim() == 4 else image
 
 
 def _decode_with_pil(path: str, first_error: Exception) -> torch.Tensor:
-    # PIL reads some files libjpeg refuses (CMYK, some truncated files); one that neither reads is unreadable.
+    # PIL reads formats TorchCodec does not (BMP, TIFF, PPM) and some files libjpeg refuses
+    # (some truncated ones); a file that neither reads is unreadable.
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -239,7 +246,7 @@ class ValTransform:
 
 
 def _without_source_paths(error: Exception) -> str:
-    # torchvision's decoders prefix their messages with "decode_jpeg, /long/build/path/decode_jpeg.cpp:171, ".
+    # The C++ decoders prefix their messages with "read_header_and_start, /long/build/path/DecodeJpeg.cpp:208, ".
     return re.sub(r"^\w+, \S+\.(?:cpp|cc|h):\d+, ", "", str(error))
 
 
