@@ -1,8 +1,9 @@
 """Data: the ImageFolder layout, uint8 decoding and augmentation in the workers, seeded order.
 
-Workers decode JPEGs and augment on uint8 tensors (a quarter of the bytes of
-float images to pass between processes); the batch is converted to float and
-normalised once, on the training device (:class:`BatchPreparer`).
+Workers decode JPEGs and augment on uint8 tensors; the batch is converted to
+float and normalised once (:class:`BatchPreparer`): for a GPU on the device,
+after copying uint8 (a quarter of the bytes), and for training on the CPU in
+the workers, which keeps the main process's thread pool off their cores.
 
 Every random choice is a function of (seed, epoch, sample): the sampler yields
 ``(index, sample_seed)`` pairs and each sample's augmentation runs under its
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchcodec.decoders import decode_image
 from torchvision.transforms import v2
 
@@ -280,7 +281,7 @@ class SeededImageFolder(Dataset):
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 [B, 3, H, W] until prepared
+    images: torch.Tensor  # uint8 [B, 3, H, W], or float32 when the workers normalised it (training on the CPU)
     targets: torch.Tensor
     unreadable: List[Tuple[str, str]]  # (path, reason) of images left out of this batch
 
@@ -288,16 +289,71 @@ class Batch:
         return int(self.targets.numel())
 
 
-def collate(items) -> Batch:
-    good = [(image, target) for image, target, _ in items if image is not None]
-    unreadable = [(path, reason) for image, path, reason in items if image is None]
-    if good:
-        images = torch.stack([image for image, _ in good])
+class Normalise:
+    """uint8 ``[B, 3, H, W]`` -> ImageNet-normalised float32 on ``device``, in ``memory_format``."""
+
+    def __init__(self, device: torch.device, memory_format: torch.memory_format):
+        self.memory_format = memory_format
+        # (x / 255 - mean) / std as x * scale + offset: one pass over the converted batch, not two.
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.offset = -mean / std
+
+    def __call__(self, images: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if out is None:
+            converted = images.to(dtype=torch.float32, memory_format=self.memory_format)
+        else:
+            converted = out.copy_(images)
+        return torch.addcmul(self.offset, converted, self.scale, out=converted)
+
+
+class Collate:
+    """A worker's items -> :class:`Batch`, the images stacked where the batch will travel.
+
+    In a loader worker the stack is written straight into shared memory, which
+    is where the queue to the main process would otherwise copy it. With
+    ``normalise`` (training on the CPU) the worker also normalises the batch:
+    done in the main process, that millisecond of work per batch leaves the
+    intra-op thread pool spinning on the cores the workers decode on (2 workers
+    on 2 cores: 1112 against 1348 img/s, interleaved in one process).
+    """
+
+    def __init__(self, normalise: Optional[Normalise] = None):
+        self.normalise = normalise
+
+    def __call__(self, items) -> Batch:
+        good = [(image, target) for image, target, _ in items if image is not None]
+        unreadable = [(path, reason) for image, path, reason in items if image is None]
         targets = torch.tensor([target for _, target in good], dtype=torch.int64)
-    else:
-        images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
-        targets = torch.empty((0,), dtype=torch.int64)
-    return Batch(images, targets, unreadable)
+        return Batch(self.stack([image for image, _ in good]), targets, unreadable)
+
+    def stack(self, images: List[torch.Tensor]) -> torch.Tensor:
+        shape = (len(images), *images[0].shape) if images else (0, 3, 1, 1)
+        if self.normalise is None:
+            return stack_into(images, travelling_tensor(shape, torch.uint8))
+        # The uint8 stack stays in the worker; the normalised float batch travels.
+        stacked = stack_into(images, torch.empty(shape, dtype=torch.uint8))
+        return self.normalise(stacked, out=travelling_tensor(shape, torch.float32, self.normalise.memory_format))
+
+
+def stack_into(images: List[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    return torch.stack(images, out=out) if images else out
+
+
+def travelling_tensor(
+    shape: Tuple[int, ...], dtype: torch.dtype, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
+    """An empty tensor for a batch, allocated in shared memory when made in a loader worker.
+
+    As torch's own ``default_collate`` allocates it (``share_memory_()`` would
+    copy a private allocation over instead).
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype, memory_format=memory_format)
+    layout = torch.empty(shape, dtype=dtype, memory_format=memory_format, device="meta")
+    storage = torch.UntypedStorage._new_shared(layout.numel() * layout.element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, layout.stride())
 
 
 # --- order ---------------------------------------------------------------------------------------
@@ -345,8 +401,15 @@ class SeededSampler(Sampler):
 
 
 def build_loader(
-    dataset: SeededImageFolder, sampler: SeededSampler, batch_size: int, workers: int, ctx: DistContext, drop_last: bool
+    dataset: SeededImageFolder,
+    sampler: SeededSampler,
+    batch_size: int,
+    workers: int,
+    ctx: DistContext,
+    drop_last: bool,
+    normalise: Optional[Normalise] = None,
 ) -> DataLoader:
+    """The loader of ``dataset``; with ``normalise`` its batches come normalised (see :class:`Collate`)."""
     if workers > 0:
         # Runs before multiprocessing's own exit handler (atexit is last in, first out).
         atexit.register(kill_loader_workers)
@@ -355,7 +418,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=Collate(normalise),
         pin_memory=ctx.is_cuda,
         drop_last=drop_last,
         persistent_workers=workers > 0,
@@ -375,25 +438,30 @@ def default_workers(ctx: DistContext) -> int:
 
 
 class BatchPreparer:
-    """uint8 batch -> normalised float on the training device, in the memory format the model uses."""
+    """A loader's batch -> normalised float on the training device, in the memory format the model uses.
+
+    On a GPU the uint8 batch (a quarter of the bytes to copy) is normalised on
+    the device. Training on the CPU, the loader's workers normalise it already
+    (:class:`Collate` with :attr:`worker_normalise`), and the float batch passes.
+    """
 
     def __init__(self, device: torch.device, channels_last: bool):
         self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        # (x / 255 - mean) / std folded into one multiply and one subtract.
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = mean / std
+        self.normalise = Normalise(device, torch.channels_last if channels_last else torch.contiguous_format)
+
+    @property
+    def worker_normalise(self) -> Optional[Normalise]:
+        """The normalisation for the loader's workers to apply: this one on the CPU, none for a GPU."""
+        return self.normalise if self.device.type == "cpu" else None
 
     def __call__(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.images(batch.images), batch.targets.to(self.device, non_blocking=True)
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
-        """A uint8 ``[B, 3, H, W]`` stack, normalised on the device."""
-        images = images.to(self.device, non_blocking=True)
-        images = images.to(dtype=torch.float32, memory_format=self.memory_format)
-        return images.mul_(self.scale).sub_(self.shift)
+        """A uint8 ``[B, 3, H, W]`` stack normalised on the device, or one the workers normalised already."""
+        if images.is_floating_point():
+            return images.to(self.device, non_blocking=True)
+        return self.normalise(images.to(self.device, non_blocking=True))
 
 
 class BatchMixer:

@@ -195,7 +195,7 @@ def prepare_model(model: nn.Module, args, ctx: DistContext):
     return model, plain
 
 
-def make_loader(args, ctx, split: str, classes, batch: int, seed: int, train: bool):
+def make_loader(args, ctx, split: str, classes, batch: int, seed: int, train: bool, prepare: BatchPreparer):
     samples = list_samples(os.path.join(args.data, split), classes)
     transform = (TrainTransform(args.train_crop_size, args.auto_augment) if train
                  else ValTransform(args.val_resize_size, args.val_crop_size))
@@ -203,7 +203,8 @@ def make_loader(args, ctx, split: str, classes, batch: int, seed: int, train: bo
     sampler = SeededSampler(len(dataset), ctx, seed, shuffle=train)
     workers = default_workers(ctx) if args.workers is None else args.workers
     drop_last = train and len(sampler) > batch
-    return build_loader(dataset, sampler, batch, workers, ctx, drop_last=drop_last), sampler
+    loader = build_loader(dataset, sampler, batch, workers, ctx, drop_last=drop_last, normalise=prepare.worker_normalise)
+    return loader, sampler
 
 
 def header(args, ctx, model, batch, classes, train_images, val_images, output_dir) -> None:
@@ -272,7 +273,7 @@ def run(args, ctx: DistContext, ckpt: Optional[Checkpoint] = None) -> None:
     autocast = autocast_for(args, ctx.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing).to(ctx.device)
     prepare = BatchPreparer(ctx.device, args.channels_last)
-    val_loader, _ = make_loader(args, ctx, "val", classes, batch, seed, train=False)
+    val_loader, _ = make_loader(args, ctx, "val", classes, batch, seed, train=False, prepare=prepare)
 
     with StopRequest() as stop:
         if args.evaluate:
@@ -307,7 +308,7 @@ def build_parts(args, ctx, model, steps_per_epoch, seed, autocast, criterion, pr
 
 
 def train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, criterion, prepare, val_loader, stop):
-    train_loader, train_sampler = make_loader(args, ctx, "train", classes, batch, seed, train=True)
+    train_loader, train_sampler = make_loader(args, ctx, "train", classes, batch, seed, train=True, prepare=prepare)
     parts = build_parts(args, ctx, model, len(train_loader), seed, autocast, criterion, prepare, num_classes)
     point = restore(parts, ckpt) if ckpt is not None else ResumePoint()
     if args.start_epoch is not None:

@@ -8,7 +8,8 @@ of workers:
   ``ToTensor`` + ``Normalize`` in the workers, float batches to the device;
 * project: the engine's own loader (``engine.data``): uint8 decoding and
   augmentation in the workers, per-sample seeds, conversion and normalisation
-  once on the device (:class:`engine.data.BatchPreparer`).
+  once, on a GPU on the device, training on the CPU in the workers
+  (:class:`engine.data.BatchPreparer`).
 
 The two are measured alternately, several times each, with fresh workers every
 time; a measurement skips the first batches (worker start-up) and the figure
@@ -60,12 +61,18 @@ def project_loader(root: str, crop: int, batch: int, workers: int, ctx: DistCont
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     dataset = SeededImageFolder(list_samples(root, classes), TrainTransform(crop))
     sampler = SeededSampler(len(dataset), ctx, seed=0, shuffle=True)
-    return build_loader(dataset, sampler, batch, workers, ctx, drop_last=True)
+    normalise = project_preparer(ctx.device).worker_normalise
+    return build_loader(dataset, sampler, batch, workers, ctx, drop_last=True, normalise=normalise)
+
+
+def project_preparer(device: torch.device) -> BatchPreparer:
+    """As the training engine prepares batches for an NCHW model."""
+    return BatchPreparer(device, channels_last=False)
 
 
 def device_batches(pipeline: str, loader: DataLoader, device: torch.device) -> Iterator[torch.Tensor]:
     """Endless normalised float batches on ``device``, epoch after epoch."""
-    prepare = BatchPreparer(device, channels_last=False)
+    prepare = project_preparer(device)
     epoch = 0
     while True:
         if pipeline == "project":
@@ -133,7 +140,9 @@ def run_loader(args: argparse.Namespace) -> int:
           f"normalised float batches on {device}; median of {args.repeats} x {args.batches} batches")
     print(f"original pipeline (PIL + ToTensor + Normalize in the workers): {medians['original']:.1f} img/s")
     print(f"ratio project / original: {medians['project'] / medians['original']:.2f}x")
-    print(f"project pipeline (uint8 in the workers, normalised on {device.type}): {medians['project']:.1f} img/s")
+    where = "in the workers" if project_preparer(device).worker_normalise is not None else f"on {device.type}"
+    print(f"project pipeline (uint8 decoding and augmentation in the workers, normalised {where}): "
+          f"{medians['project']:.1f} img/s")
     return 0
 
 

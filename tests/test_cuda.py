@@ -152,3 +152,17 @@ def test_gpu_flag_and_compile(tiny_data, tmp_path):
     result = run_script("main.py", "-a", "eca_resnet18", "--gpu", "0", "--compile", "--epochs", "1", "-b", "8",
                         "-j", "1", *TINY, "--output-dir", tmp_path / "run", tiny_data, check=True)
     assert len(prec1(result.stdout)) == 1
+
+
+def test_a_gpu_gets_uint8_batches_and_normalises_them_on_the_device():
+    from engine.data import IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, Batch
+
+    prepare = BatchPreparer(torch.device("cuda"), channels_last=True)
+    assert prepare.worker_normalise is None  # the workers send uint8, a quarter of the bytes
+    images = torch.randint(0, 256, (4, 3, 9, 11), dtype=torch.uint8).pin_memory()
+    prepared, targets = prepare(Batch(images, torch.arange(4), []))
+    assert prepared.is_cuda and prepared.dtype == torch.float32 and targets.is_cuda
+    assert prepared.is_contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(prepared.cpu().double(), (images.double() / 255 - mean) / std, rtol=0, atol=1e-6)

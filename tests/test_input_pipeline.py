@@ -1,4 +1,12 @@
-"""decode_rgb: every image a folder may hold becomes uint8 [3, H, W] with PIL's pixels, or one readable ValueError."""
+"""The input pipeline: decoding, the loader's batches and their normalisation.
+
+decode_rgb: every image a folder may hold becomes uint8 [3, H, W] with PIL's
+pixels, or one readable ValueError. Batches: ImageNet-normalised float32 in
+the model's memory format, whether the workers normalise them (training on
+the CPU) or the device does (a GPU).
+"""
+import os
+
 import io
 import warnings
 
@@ -7,7 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data import decode_rgb
+from engine.data import (
+    IMAGENET_MEAN, IMAGENET_STD, BatchPreparer, SeededImageFolder, SeededSampler, ValTransform, build_loader, decode_rgb,
+    list_samples,
+)
+from engine.distributed import DistContext
 
 HEIGHT, WIDTH = 37, 53
 
@@ -98,3 +110,47 @@ def test_decoding_uses_no_deprecated_decoder(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         decode_rgb(str(path))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+def test_a_prepared_batch_is_the_normalised_images_in_the_models_memory_format(channels_last):
+    images = torch.randint(0, 256, (4, 3, 9, 11), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    prepared = BatchPreparer(torch.device("cpu"), channels_last=channels_last).images(images)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (images.double() / 255 - mean) / std
+    assert prepared.dtype == torch.float32
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert prepared.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(prepared.double(), expected, rtol=0, atol=1e-6)
+
+
+def loader_batches(data, workers, normalise, unreadable=()):
+    split = os.path.join(data, "val")
+    classes = sorted(os.listdir(split))
+    samples = list_samples(split, classes) + [(path, 0) for path in unreadable]
+    dataset = SeededImageFolder(samples, ValTransform(36, 32))
+    ctx = DistContext()
+    loader = build_loader(dataset, SeededSampler(len(dataset), ctx, 0, shuffle=False), 5, workers, ctx, False, normalise)
+    return list(loader)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+def test_batches_the_cpu_workers_normalise_equal_the_uint8_batches_normalised_in_place(tiny_data, tmp_path,
+                                                                                    channels_last):
+    unreadable = tmp_path / "empty.JPEG"
+    unreadable.write_bytes(b"")
+    prepare = BatchPreparer(torch.device("cpu"), channels_last=channels_last)
+    assert prepare.worker_normalise is not None
+    uint8 = loader_batches(tiny_data, 0, None, [str(unreadable)])
+    normalised = loader_batches(tiny_data, 2, prepare.worker_normalise, [str(unreadable)])
+    assert [len(b) for b in normalised] == [len(b) for b in uint8] and sum(map(len, uint8)) == 12
+    assert [b.unreadable for b in normalised] == [b.unreadable for b in uint8]
+    for workers_batch, plain_batch in zip(normalised, uint8):
+        assert plain_batch.images.dtype == torch.uint8 and workers_batch.images.dtype == torch.float32
+        images, targets = prepare(workers_batch)
+        assert images is workers_batch.images  # passed through, not normalised twice
+        expected, expected_targets = prepare(plain_batch)
+        assert torch.equal(images, expected) and torch.equal(targets, expected_targets)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        assert images.is_contiguous(memory_format=memory_format)
