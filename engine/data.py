@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -34,6 +35,7 @@ from .errors import UsageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PREFETCHED_BATCHES = 4  # per loader worker
 
 
 # --- the folder layout ---------------------------------------------------------------------------
@@ -422,10 +424,32 @@ def build_loader(
         pin_memory=ctx.is_cuda,
         drop_last=drop_last,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCHED_BATCHES if workers > 0 else None,
         # Our own generator keeps the loader from drawing on the global RNG the model's dropout uses.
         generator=torch.Generator(),
         worker_init_fn=ignore_stop_signals if workers > 0 else None,
+    )
+
+
+def out_of_shared_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a loader worker failing for want of shared memory.
+
+    Whether a worker fails allocating a batch there or dies of SIGBUS writing
+    it, the loader's error says "shared memory".
+    """
+    return isinstance(error, RuntimeError) and "shared memory" in str(error)
+
+
+def shared_memory_advice(directory: str = "/dev/shm") -> str:
+    """What to do when the loader's workers run out of shared memory, with the space there is now."""
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "not found"
+    return (
+        f"the data loader's workers ran out of shared memory ({directory}: {free}), where each holds up to "
+        f"{PREFETCHED_BATCHES} batches: give it more (docker run --shm-size=8g, or a larger tmpfs on {directory}) "
+        f"or pass a smaller -j or -b"
     )
 
 

@@ -31,7 +31,7 @@ from .collector import objects_built_so_far_frozen
 from .config import default_output_dir, dump_yaml, parse_args, resolve_image_sizes, serialisable_args
 from .data import (
     BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, ValTransform, build_loader,
-    check_data_root, default_workers, list_samples,
+    check_data_root, default_workers, list_samples, out_of_shared_memory, shared_memory_advice,
 )
 from .distributed import (
     DistContext, barrier, init_distributed, is_lost_peer, should_spawn, shutdown, visible_gpus,
@@ -93,10 +93,13 @@ def run_process(args, spawned_index: Optional[int] = None, ckpt: Optional[Checkp
     try:
         run(args, ctx, ckpt)
     except RuntimeError as error:
+        checkpoint = os.path.join(args.output_dir or default_output_dir(args), "checkpoint.pth.tar")
+        if out_of_shared_memory(error):
+            resume = f"; then restart with --resume {checkpoint}" if os.path.exists(checkpoint) else ""
+            raise JobFailed(f"{shared_memory_advice()}{resume} (ECA_DEBUG=1 shows the traceback)") from error
         # A rank that died or hung is a fault of the job, not a bug here: one line per rank, not a traceback each.
         if not (ctx.distributed and is_lost_peer(error)):
             raise
-        checkpoint = os.path.join(args.output_dir or default_output_dir(args), "checkpoint.pth.tar")
         reason = re.sub(r"\[[^\]]*\.(?:cc|cpp):\d+\] ", "", " ".join(str(error).split()))[:300]  # no source paths
         raise JobFailed(
             f"rank {ctx.rank}: another process of the job died or stopped answering ({reason}); "

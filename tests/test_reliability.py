@@ -522,6 +522,28 @@ def test_strict_data_makes_an_unreadable_image_fatal_in_one_line(data_with_unrea
     assert named in bad
 
 
+def can_mount_a_private_tmpfs() -> bool:
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not can_mount_a_private_tmpfs(), reason="needs unshare and mount (root) for a small /dev/shm")
+def test_loader_workers_out_of_shared_memory_is_one_line_saying_how_to_fix_it(tiny_data, tmp_path):
+    """A container's default /dev/shm (64 MiB) is too small for ImageNet batches: say so, not a worker traceback."""
+    command = " ".join([
+        "mount -t tmpfs -o size=128k tmpfs /dev/shm &&",  # one 8-image batch of 32 px floats is 96 KiB
+        "exec", sys.executable, os.path.join(ROOT, "main.py"),
+        *[a for a in FAST if a not in ("-j", "0")], "-j", "2", "--output-dir", str(tmp_path / "out"), tiny_data,
+    ])
+    result = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_fails_cleanly(result, "ran out of shared memory", "/dev/shm", "--shm-size", "smaller -j or -b")
+
+
 def test_an_unexpected_error_with_loader_workers_exits_instead_of_hanging(tmp_path, tiny_data):
     """Workers ignore SIGTERM (preemption must reach the main process first), so exit has to kill them."""
     script = tmp_path / "bug_in_step.py"
