@@ -57,22 +57,16 @@ def original_loader(root: str, crop: int, batch: int, workers: int, pin_memory: 
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin_memory)
 
 
-def project_loader(root: str, crop: int, batch: int, workers: int, ctx: DistContext) -> DataLoader:
+def project_loader(root: str, crop: int, batch: int, workers: int, ctx: DistContext,
+                   prepare: BatchPreparer) -> DataLoader:
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     dataset = SeededImageFolder(list_samples(root, classes), TrainTransform(crop))
     sampler = SeededSampler(len(dataset), ctx, seed=0, shuffle=True)
-    normalise = project_preparer(ctx.device).worker_normalise
-    return build_loader(dataset, sampler, batch, workers, ctx, drop_last=True, normalise=normalise)
+    return build_loader(dataset, sampler, batch, workers, ctx, drop_last=True, normalise=prepare.worker_normalise)
 
 
-def project_preparer(device: torch.device) -> BatchPreparer:
-    """As the training engine prepares batches for an NCHW model."""
-    return BatchPreparer(device, channels_last=False)
-
-
-def device_batches(pipeline: str, loader: DataLoader, device: torch.device) -> Iterator[torch.Tensor]:
-    """Endless normalised float batches on ``device``, epoch after epoch."""
-    prepare = project_preparer(device)
+def device_batches(pipeline: str, loader: DataLoader, prepare: BatchPreparer) -> Iterator[torch.Tensor]:
+    """Endless normalised float batches on ``prepare.device``, epoch after epoch."""
     epoch = 0
     while True:
         if pipeline == "project":
@@ -81,14 +75,15 @@ def device_batches(pipeline: str, loader: DataLoader, device: torch.device) -> I
                 yield prepare(batch)[0]
         else:
             for images, _ in loader:
-                yield images.to(device, non_blocking=True)
+                yield images.to(prepare.device, non_blocking=True)
         epoch += 1
 
 
 def time_pipeline(make_loader: Callable[[], DataLoader], pipeline: str, batches: int, warmup: int,
-                  device: torch.device) -> float:
+                  prepare: BatchPreparer) -> float:
     loader = make_loader()
-    stream = device_batches(pipeline, loader, device)
+    stream = device_batches(pipeline, loader, prepare)
+    device = prepare.device
     for _ in range(warmup):
         next(stream)
     images = 0
@@ -126,21 +121,22 @@ def run_loader(args: argparse.Namespace) -> int:
         raise UsageError(f"-b {args.batch_size} is more than the {images} images of {root!r}: use a smaller batch")
     device = resolve_device(args.device)
     ctx = DistContext(device=device)
+    prepare = BatchPreparer(device, channels_last=False)  # as the training engine prepares an NCHW model's batches
     makers: Dict[str, Callable[[], DataLoader]] = {
-        "project": lambda: project_loader(root, args.crop_size, args.batch_size, args.workers, ctx),
+        "project": lambda: project_loader(root, args.crop_size, args.batch_size, args.workers, ctx, prepare),
         "original": lambda: original_loader(root, args.crop_size, args.batch_size, args.workers, device.type == "cuda"),
     }
     rates: Dict[str, List[float]] = {name: [] for name in PIPELINES}
     for repeat in range(args.repeats):
         order = PIPELINES if repeat % 2 == 0 else PIPELINES[::-1]
         for name in order:
-            rates[name].append(time_pipeline(makers[name], name, args.batches, args.warmup, device))
+            rates[name].append(time_pipeline(makers[name], name, args.batches, args.warmup, prepare))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(f"input pipeline: {root}, {args.workers} workers, batch {args.batch_size}, crop {args.crop_size}, "
           f"normalised float batches on {device}; median of {args.repeats} x {args.batches} batches")
     print(f"original pipeline (PIL + ToTensor + Normalize in the workers): {medians['original']:.1f} img/s")
     print(f"ratio project / original: {medians['project'] / medians['original']:.2f}x")
-    where = "in the workers" if project_preparer(device).worker_normalise is not None else f"on {device.type}"
+    where = "in the workers" if prepare.worker_normalise is not None else f"on {device.type}"
     print(f"project pipeline (uint8 decoding and augmentation in the workers, normalised {where}): "
           f"{medians['project']:.1f} img/s")
     return 0
