@@ -130,7 +130,7 @@ def _decode_with_pil(path: str, first_error: Exception) -> torch.Tensor:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise ValueError(f"{_without_source_paths(first_error)}; {error}") from None
+        raise ValueError(f"{_for_users(first_error)}; {error}") from None
     return v2.functional.pil_to_tensor(rgb)
 
 
@@ -248,9 +248,16 @@ class ValTransform:
         return v2.functional.center_crop(image, [self.crop_size, self.crop_size])
 
 
-def _without_source_paths(error: Exception) -> str:
-    # The C++ decoders prefix their messages with "read_header_and_start, /long/build/path/DecodeJpeg.cpp:208, ".
-    return re.sub(r"^\w+, \S+\.(?:cpp|cc|h):\d+, ", "", str(error))
+def _for_users(error: Exception) -> str:
+    """A decoder's message without what only its developers can use.
+
+    The C++ decoders prefix their messages with "read_header_and_start,
+    /long/build/path/DecodeJpeg.cpp:208, ", and TorchCodec's refusal of an
+    unknown format ends by suggesting its own functions.
+    """
+    message = re.sub(r"^\w+, \S+\.(?:cpp|cc|h):\d+, ", "", str(error))
+    message = re.sub(r" If you know you have a valid image, try using the dedicated decode_\* functions.*$", "", message)
+    return message.rstrip(".")  # the caller goes on with "; " and PIL's reason
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

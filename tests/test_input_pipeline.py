@@ -102,6 +102,7 @@ def test_an_unreadable_file_is_one_readable_value_error(tmp_path, content):
         decode_rgb(str(path))
     message = str(caught.value)
     assert message and ".cpp:" not in message  # no decoder source paths in what the user reads
+    assert "decode_" not in message  # nor a decoder's advice to call its own functions
 
 
 def test_decoding_uses_no_deprecated_decoder(tmp_path):
