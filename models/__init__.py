@@ -26,6 +26,7 @@ _BUILDING_BLOCKS = {
     "ResNet": "eca_resnet",
     "ECA_MobileNetV2": "eca_mobilenetv2",
     "eca_resnet_fpn_backbone": "detection",
+    "fuse_eca": "fused",
 }
 
 
