@@ -22,9 +22,8 @@ and 57.40M here, 10.83G and 57.41M there (its exact parameter count,
 60,193,042, is 57.40 x 2^20, so the README's params figure is off as well).
 
 The ECA layers are counted explicitly, layer by layer, rather than through
-hooks on their ``avg_pool`` / ``conv`` submodules: the fused implementation
-does not call those submodules, and residual blocks call ``forward_add``,
-which no hook sees. Each layer over C channels of an H x W map costs
+hooks on their ``avg_pool`` / ``conv`` submodules, so that a fused model
+(``models.fuse_eca``), which never calls those submodules, counts the same. Each layer over C channels of an H x W map costs
 ``(H * W + 1) * C`` for the pooling (as thop counts adaptive average pooling)
 and ``k * C`` multiply-accumulates for the convolution across channels.
 The sigmoid and the ``x * gate`` rescale are not counted, as thop never did.
@@ -224,9 +223,9 @@ def _record_eca_costs(model: nn.Module, costs: List[EcaLayerCost]) -> List[torch
             costs.append(EcaLayerCost(channels, layer.k_size, height, width))
             closing_relu = getattr(host, "relu", None)
             if isinstance(closing_relu, nn.ReLU):
-                # ResNet blocks apply their last ReLU inside eca_layer.forward_add_relu, where no
-                # hook sees it; the original applied the block's ReLU module last to the block's
-                # output, and that application is the one its count kept.
+                # A fused block applies its last ReLU inside the block end, where no hook sees it;
+                # the original applied the block's ReLU module last to the block's output, and
+                # that application is the one its count kept.
                 _set_ops(closing_relu, output.numel())
 
         return record

@@ -63,11 +63,9 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        *branch, norm, eca = self.conv
-        out = x
-        for layer in branch:
-            out = layer(out)
-        return eca.forward_norm(out, norm, x if self.use_res_connect else None)
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
 
 
 def default_block_kernel_sizes() -> Tuple[int, ...]:

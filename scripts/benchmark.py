@@ -1,7 +1,8 @@
 """Throughput benchmarks, one subcommand per part of the system.
 
-``model``: images/s of the project's ECA model, of the original release's
-formulation (``original_models.py``) and of the matching torchvision model,
+``model``: images/s of the project's ECA model (``models.fuse_eca`` with
+``--eca-impl``), of the original release's formulation (the plain model, with
+the same weights) and of the matching torchvision model,
 for training steps and inference, NCHW and channels_last. The models are
 measured round-robin in one process (one step of each per repetition, starting
 from a different model each time), so that drifts in machine load hit them
@@ -53,11 +54,9 @@ from engine.distributed import resolve_device  # noqa: E402
 from engine.checkpoint import build_model  # noqa: E402
 from engine.collector import objects_built_so_far_frozen  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
-from models import ARCHITECTURES  # noqa: E402
-from models.eca_mobilenetv2 import ECA_MobileNetV2  # noqa: E402
-from models.eca_resnet import ResNet  # noqa: E402
+from models import ARCHITECTURES, fuse_eca  # noqa: E402
+from models.fused import IMPLS  # noqa: E402
 from loader_benchmark import add_loader_arguments, run_loader  # noqa: E402
-from original_models import original_model  # noqa: E402
 
 TORCHVISION_COUNTERPART = {
     "eca_resnet18": "resnet18",
@@ -132,25 +131,17 @@ def summarise(seconds: Dict[str, List[float]], images_per_repetition: int) -> Me
     return Measurement(rates=rates, ratios=ratios)
 
 
-def build_models(arch: str, k_size: Optional[str], num_classes: int, control: bool = False) -> Dict[str, nn.Module]:
-    """The project's model, the original formulation with the same weights, and torchvision's counterpart.
+def build_models(
+    arch: str, k_size: Optional[str], num_classes: int, eca_impl: str, control: bool = False
+) -> Dict[str, nn.Module]:
+    """The project's model (fused by ``eca_impl``), the plain one with the same weights, and torchvision's.
 
-    With ``control``, also a second torchvision model with the first one's weights.
+    The plain model is the original release's formulation. With ``control``,
+    also a second torchvision model with the first one's weights.
     """
-    project = build_model(arch, k_size, num_classes)
-    if isinstance(project, ResNet):
-        original = original_model(arch, project.kernel_sizes, num_classes)
-    elif isinstance(project, ECA_MobileNetV2):
-        original = original_model(arch, num_classes=num_classes)
-    else:
-        raise ValueError(f"no original formulation for {arch}")
-    # Strict loading proves the two compute with the same module tree.
-    try:
-        original.load_state_dict(project.state_dict())
-    except RuntimeError:
-        raise UsageError(
-            f"--ksize {k_size}: the original {arch} knows only the released kernel sizes; drop --ksize"
-        ) from None
+    original = build_model(arch, k_size, num_classes)
+    project = fuse_eca(build_model(arch, k_size, num_classes), eca_impl)
+    project.load_state_dict(original.state_dict())
     reference = getattr(torchvision.models, TORCHVISION_COUNTERPART[arch])(num_classes=num_classes)
     models = {"project": project, "original": original, REFERENCE_ROLE: reference}
     if control:
@@ -222,7 +213,15 @@ def measure_round_robin(
 
 
 def build_steps(
-    arch: str, k_size: Optional[str], mode: str, format_name: str, setting: Setting, seed: int, control: bool = False
+    arch: str,
+    k_size: Optional[str],
+    mode: str,
+    format_name: str,
+    *,
+    setting: Setting,
+    seed: int,
+    eca_impl: str,
+    control: bool = False,
 ) -> Dict[str, Callable[[], None]]:
     """One step function per model (project, original, torchvision[, control]) for a mode and memory format."""
     memory_format = MEMORY_FORMATS[format_name]
@@ -230,7 +229,7 @@ def build_steps(
     torch.manual_seed(seed)
     models = {
         role: prepare(model, memory_format, setting, train)
-        for role, model in build_models(arch, k_size, setting.num_classes, control).items()
+        for role, model in build_models(arch, k_size, setting.num_classes, eca_impl=eca_impl, control=control).items()
     }
     images, targets = make_batch(setting, memory_format)
     return {
@@ -243,7 +242,8 @@ def measure_setting(
     arch: str, k_size: Optional[str], mode: str, format_name: str, setting: Setting, args: argparse.Namespace
 ) -> Measurement:
     """Images/s of the models for one mode (train/inference) and memory format."""
-    steps = build_steps(arch, k_size, mode, format_name, setting, args.seed, args.control)
+    steps = build_steps(arch, k_size, mode, format_name, setting=setting, seed=args.seed, eca_impl=args.eca_impl,
+                        control=args.control)
     # As the training engine runs its loop (engine.collector).
     with objects_built_so_far_frozen():
         return measure_round_robin(steps, args.repeats, args.warmup, args.iterations, setting)
@@ -332,6 +332,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """What the models are and how they run: shared by ``model`` and ``profile``."""
     parser.add_argument("-a", "--arch", default="eca_resnet50", choices=sorted(ARCHITECTURES))
     parser.add_argument("--ksize", default=None, help="ECA kernel sizes (e.g. 3557); the architecture's default if omitted")
+    parser.add_argument("--eca-impl", default="auto", choices=IMPLS, help="how the project's model runs its ECA blocks (models.fuse_eca)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -386,7 +387,8 @@ def run_model(args: argparse.Namespace) -> int:
     print(
         f"batch {args.batch_size}, {args.image_size} px, {args.repeats} interleaved repetitions of "
         f"{args.iterations} step(s) after {args.warmup} warm-up; images/s: medians; X/tv: median "
-        f"(interquartile range) of the per-repetition ratios; amp {args.amp}, compile {args.compile}"
+        f"(interquartile range) of the per-repetition ratios; amp {args.amp}, compile {args.compile}, "
+        f"eca-impl {args.eca_impl}"
     )
     for mode in args.modes:
         for format_name in args.formats:
@@ -413,7 +415,8 @@ def run_profile(args: argparse.Namespace) -> int:
     print(f"batch {args.batch_size}, {args.image_size} px, {args.steps} profiled step(s) after {args.warmup} warm-up")
     for mode in args.modes:
         for format_name in args.formats:
-            steps = build_steps(args.arch, args.ksize, mode, format_name, setting, args.seed, args.control)
+            steps = build_steps(args.arch, args.ksize, mode, format_name, setting=setting, seed=args.seed,
+                                eca_impl=args.eca_impl, control=args.control)
             print(f"\n{args.arch} {mode} {format_name}")
             with objects_built_so_far_frozen():
                 profiles = profile_steps(steps, args.warmup, args.steps, setting.device.type == "cuda")

@@ -103,7 +103,8 @@ def test_profile_table_lists_the_largest_differences_first_then_totals():
     "arguments, message",
     [
         (["model", "-a", "eca_resnet18", "--ksize", "35x7"], "'x' is not an integer"),
-        (["profile", "-a", "eca_mobilenet_v2", "--ksize", "5"], "drop --ksize"),
+        (["profile", "-a", "eca_mobilenet_v2", "--ksize", "4"], "not a positive odd integer"),
+        (["model", "-a", "eca_resnet18", "--eca-impl", "fast"], "invalid choice: 'fast'"),
     ],
 )
 def test_bad_kernel_sizes_are_one_line_not_a_traceback(arguments, message):

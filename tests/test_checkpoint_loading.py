@@ -18,7 +18,6 @@ from engine.checkpoint import (
     strip_wrapper_prefixes,
 )
 from engine.errors import UsageError
-from original_models import original_model
 
 
 def assert_same_weights(model, state_dict):
@@ -33,7 +32,7 @@ def assert_same_weights(model, state_dict):
 @pytest.fixture(scope="module")
 def resnet50_original():
     torch.manual_seed(0)
-    return original_model("eca_resnet50", "3557")
+    return models.eca_resnet50(k_size="3557")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +115,7 @@ def test_invalid_kernel_sizes_are_a_usage_error(released_checkpoint):
 @pytest.fixture(scope="module")
 def resnet18_weights():
     torch.manual_seed(1)
-    return original_model("eca_resnet18", "3577", num_classes=10).state_dict()
+    return models.eca_resnet18(k_size="3577", num_classes=10).state_dict()
 
 
 LAYOUTS = {
@@ -132,7 +131,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def mobilenet_weights():
     torch.manual_seed(3)
-    return original_model("eca_mobilenet_v2", num_classes=10).state_dict()
+    return models.eca_mobilenet_v2(num_classes=10).state_dict()
 
 
 @pytest.mark.parametrize(
