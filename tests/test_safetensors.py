@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import types
 import zipfile
 
 import pytest
@@ -410,6 +412,14 @@ def test_hub_refuses_what_disagrees_with_the_file(converted):
         torch.hub.load(ROOT, "eca_resnet34", source="local", weights=converted)
     with pytest.raises(TypeError, match="width_mult cannot be given"):
         torch.hub.load(ROOT, "eca_resnet18", source="local", weights=converted, width_mult=0.5)
+
+
+def test_hub_names_another_models_package_that_stands_in_for_ours(tmp_path, monkeypatch):
+    foreign = types.ModuleType("models")
+    foreign.__file__ = str(tmp_path / "their_project" / "models" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "models", foreign)
+    with pytest.raises(ImportError, match=re.escape(f"'models' was imported from {tmp_path / 'their_project'}, not from")):
+        torch.hub.load(ROOT, "eca_resnet18", source="local")
 
 
 @pytest.fixture
