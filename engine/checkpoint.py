@@ -7,7 +7,9 @@ loads on a CPU-only machine, and the ``module.`` / ``_orig_mod.`` prefixes of
 DataParallel, DDP and ``torch.compile`` stripped. The released files are
 legacy-format pickles of ``{epoch, arch, state_dict, best_prec1, optimizer}``
 whose ``arch`` is not reliable, so the architecture and every ECA kernel size
-are read from the tensors themselves.
+are read from the tensors themselves. A ``.safetensors`` file (see
+:mod:`engine.weights_file`) reads into the same :class:`Checkpoint`, its
+contents built from its metadata and checked against its tensors.
 """
 import functools
 import logging
@@ -29,6 +31,9 @@ from models.kernel_sizes import KernelSpec, format_kernel_sizes
 from models.state_dicts import strip_wrapper_prefixes
 
 from .errors import UsageError
+from .weights_file import (
+    IMAGE_SIZES, SUFFIX, encode_metadata, file_sha256, is_weights_file, read_weights_file, weights_file_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ class Checkpoint:
     path: str
     state_dict: Dict[str, torch.Tensor]
     contents: Dict[str, Any]
+    # A safetensors file: weights and their description, no optimizer, schedule or random state.
+    holds_weights_only: bool = False
 
     @property
     def epoch(self) -> Optional[int]:
@@ -84,6 +91,14 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Checkpoint:
         raise UsageError(f"checkpoint {path!r} does not exist: check the path (nothing was started)")
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} is not a file")
+    if is_weights_file(path):
+        return _read_weights_checkpoint(path, map_location)
+    if path.endswith(SUFFIX):
+        reason = "the file is empty" if os.path.getsize(path) == 0 else "it lacks the format's header"
+        raise UsageError(
+            f"{path!r} is named {SUFFIX} but is not a safetensors file ({reason}): "
+            "convert it again with scripts/convert.py"
+        )
     try:
         with warnings.catch_warnings():
             # Another program's pickle draws a warning about its protocol before failing below.
@@ -156,13 +171,14 @@ def _comparable_keys(keys) -> set:
     return {k for k in keys if not k.endswith("num_batches_tracked")}
 
 
+def has_names_of(arch: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the state_dict's parameter names are exactly ``arch``'s."""
+    return _comparable_keys(_reference_shapes(arch)) == _comparable_keys(state_dict)
+
+
 def identify_architecture(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     """The architecture whose parameter names equal the state_dict's, or None."""
-    keys = _comparable_keys(state_dict)
-    for arch in models.ARCHITECTURES:
-        if _comparable_keys(_reference_shapes(arch)) == keys:
-            return arch
-    return None
+    return next((arch for arch in models.ARCHITECTURES if has_names_of(arch, state_dict)), None)
 
 
 def eca_kernel_keys(arch: str, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
@@ -228,8 +244,7 @@ def check_kernel_sizes(arch: str, k_size: KernelSpec, found: Tuple[int, ...], ck
 
 def check_fits_architecture(arch: str, ckpt: Checkpoint) -> None:
     """Raise :class:`UsageError` naming the right ``-a`` when the file holds another architecture."""
-    reference = _comparable_keys(_reference_shapes(arch))
-    if _comparable_keys(ckpt.state_dict) == reference:
+    if has_names_of(arch, ckpt.state_dict):
         if ckpt.arch_tag and ckpt.arch_tag != arch:
             logger.warning(
                 "warning: %s says arch %r, but its tensors are %s's; loading them as %s",
@@ -239,6 +254,7 @@ def check_fits_architecture(arch: str, ckpt: Checkpoint) -> None:
     actual = identify_architecture(ckpt.state_dict)
     if actual:
         raise UsageError(f"{ckpt.path!r} holds {actual} weights, not {arch}: run with -a {actual}")
+    reference = _comparable_keys(_reference_shapes(arch))
     missing = sorted(reference - set(ckpt.state_dict))[:3]
     unexpected = sorted(set(ckpt.state_dict) - reference)[:3]
     raise UsageError(
@@ -268,7 +284,7 @@ def model_from_checkpoint(
     or ``num_classes`` that disagrees with the file is a :class:`UsageError`.
     """
     if arch is None:
-        arch = identify_architecture(ckpt.state_dict)
+        arch = ckpt.arch_tag if ckpt.holds_weights_only else identify_architecture(ckpt.state_dict)
         if arch is None:
             raise UsageError(f"{ckpt.path!r} holds no known ECA architecture's weights")
     check_fits_architecture(arch, ckpt)
@@ -300,12 +316,107 @@ def load_model(path: str, arch: Optional[str] = None, k_size: KernelSpec = None,
     return model_from_checkpoint(arch, ckpt, k_size=k_size), ckpt
 
 
+# --- safetensors: the same Checkpoint, described by metadata instead of a pickled dict --------------
+
+# What a weights file keeps of a checkpoint's contents, besides what its tensors show.
+DESCRIBED = ("class_names", "best_prec1", "epoch", "args")
+
+
+def _read_weights_checkpoint(path: str, map_location: Any) -> Checkpoint:
+    tensors, contents = read_weights_file(path, map_location)
+    # Another tool may have converted a DDP or compiled model's state_dict as it was.
+    state_dict = strip_wrapper_prefixes(tensors)
+    contents = _checked_description(path, state_dict, contents)
+    if contents.get("arch") in models.ARCHITECTURES:
+        # The format stores names sorted; the model's order reads better and matches the .pth.tar's.
+        order = {key: position for position, key in enumerate(_reference_shapes(contents["arch"]))}
+        state_dict = dict(sorted(state_dict.items(), key=lambda item: order.get(item[0], len(order))))
+    return Checkpoint(path, state_dict, contents, holds_weights_only=True)
+
+
+def _checked_description(
+    path: str, state_dict: Mapping[str, torch.Tensor], described: Dict[str, Any]
+) -> Dict[str, Any]:
+    """``described`` with arch, kernel sizes and class count filled in from the tensors where absent.
+
+    An entry that contradicts the tensors means the file was altered, or its
+    description belongs to other weights: refused, since every tool trusts it.
+    """
+    arch = described.get("arch")
+    if arch is None:
+        arch = identify_architecture(state_dict)
+    elif arch not in models.ARCHITECTURES or not has_names_of(arch, state_dict):
+        actual = identify_architecture(state_dict) or "no known architecture"
+        raise UsageError(
+            f"{path!r} says arch {arch!r} in its metadata but holds {actual}'s tensors: "
+            "the file was altered; convert it again from its source"
+        )
+    if arch is None:
+        return described  # e.g. a torchvision ResNet's weights: fine for --init-from
+    found = {
+        "arch": arch,
+        "kernel_sizes": list(kernel_sizes_from_state_dict(arch, state_dict)),
+        "num_classes": num_classes_from_state_dict(arch, state_dict),
+    }
+    for key, value in found.items():
+        if described.setdefault(key, value) != value:
+            raise UsageError(
+                f"{path!r} says {key} {described[key]} in its metadata but its tensors have {value}: "
+                "the file was altered; convert it again from its source"
+            )
+    names = described.get("class_names")
+    if names is not None and len(names) != found["num_classes"]:
+        raise UsageError(
+            f"{path!r} names {len(names)} classes but its classifier has {found['num_classes']}: "
+            "its class_names belong to other weights"
+        )
+    return described
+
+
+def describe(ckpt: Checkpoint) -> Dict[str, Any]:
+    """What a weights file says of ``ckpt``: arch, kernel sizes, classes from its tensors, the rest from its contents.
+
+    A ``.pth.tar``'s own ``arch`` is not trusted (a released file says
+    ``se_resnet50``); a weights file's was checked when it was read.
+    """
+    not_tensors = [key for key, value in ckpt.state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise UsageError(f"{ckpt.path!r}: its state_dict holds entries that are not tensors, e.g. {not_tensors[:3]}")
+    kept = DESCRIBED + (("arch",) if ckpt.holds_weights_only else ())
+    described = {key: ckpt.contents[key] for key in kept if ckpt.contents.get(key) is not None}
+    if "best_prec1" in described:
+        described["best_prec1"] = as_float(described["best_prec1"])
+    if isinstance(described.get("args"), Mapping):
+        described["args"] = {name: described["args"][name] for name in IMAGE_SIZES if name in described["args"]}
+    return _checked_description(ckpt.path, ckpt.state_dict, described)
+
+
+def save_weights_file(ckpt: Checkpoint, path: str) -> Dict[str, Any]:
+    """Write ``ckpt``'s weights and description to ``path`` as safetensors, atomically; returns the description."""
+    description = describe(ckpt)
+    description.update(source_sha256=file_sha256(ckpt.path), source_file=os.path.basename(ckpt.path))
+    data = weights_file_bytes(ckpt.state_dict, encode_metadata(description))
+    _atomic_write(path, lambda handle: handle.write(data))
+    return description
+
+
+def save_best_weights(best_checkpoint: str) -> str:
+    """Write ``model_best.safetensors`` beside ``model_best.pth.tar``, from that file: its weights, without pickle."""
+    target = (best_checkpoint[: -len(".pth.tar")] if best_checkpoint.endswith(".pth.tar")
+              else os.path.splitext(best_checkpoint)[0]) + SUFFIX
+    save_weights_file(read_checkpoint(best_checkpoint), target)
+    return target
+
+
 # --- saving ------------------------------------------------------------------------------------
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """Write ``obj`` so that ``path`` always holds either the old file or the complete new one."""
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
+def atomic_save(obj: Any, path: str, legacy_format: bool = False) -> None:
+    """Write ``obj`` so that ``path`` always holds either the old file or the complete new one.
+
+    ``legacy_format`` writes the pre-1.6 serialization of the released files, for old PyTorch versions.
+    """
+    _atomic_write(path, lambda handle: torch.save(obj, handle, _use_new_zipfile_serialization=not legacy_format))
 
 
 def atomic_copy(source: str, destination: str) -> None:

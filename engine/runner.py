@@ -25,7 +25,7 @@ from models.kernel_sizes import format_kernel_sizes
 
 from .checkpoint import (
     Checkpoint, as_float, atomic_copy, atomic_save, build_model, identify_architecture, model_from_checkpoint,
-    read_checkpoint, remove_dead_writes,
+    read_checkpoint, remove_dead_writes, save_best_weights,
 )
 from .collector import objects_built_so_far_frozen
 from .config import default_output_dir, dump_yaml, parse_args, resolve_image_sizes, serialisable_args
@@ -226,6 +226,10 @@ def header(args, ctx, model, batch, classes, train_images, val_images, output_di
 
 def restore(parts: TrainParts, ckpt: Checkpoint) -> ResumePoint:
     """Put back everything the file holds; the original's release files hold less, which is said."""
+    if ckpt.holds_weights_only:
+        logger.warning("warning: %s holds weights only: optimizer and schedule state are not in the file, so training "
+                       "starts from its weights with a fresh optimizer, at epoch 0 unless --start-epoch", ckpt.path)
+        return ResumePoint()
     contents = ckpt.contents
     point = ResumePoint(int(contents.get("epoch") or 0), int(contents.get("batches_done") or 0),
                         as_float(contents.get("best_prec1")) or 0.0)
@@ -337,7 +341,7 @@ def train(args, ctx, model, ckpt, classes, num_classes, batch, seed, autocast, c
 
 def prepare_output_dir(args, output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
-    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar", "model_best.safetensors"):
         for dead in remove_dead_writes(os.path.join(output_dir, name)):
             logger.info("=> removed %s, left by a run killed while saving", dead)
     with open(os.path.join(output_dir, "args.yaml"), "w") as handle:
@@ -411,7 +415,9 @@ class TrainingRun:
             return
         atomic_save(self.state(), self.checkpoint_path)
         if is_best:
-            atomic_copy(self.checkpoint_path, os.path.join(self.output_dir, "model_best.pth.tar"))
+            best = os.path.join(self.output_dir, "model_best.pth.tar")
+            atomic_copy(self.checkpoint_path, best)
+            save_best_weights(best)
 
     def state(self) -> dict:
         """The checkpoint: the original's keys, then everything an exact resume needs."""

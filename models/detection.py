@@ -9,14 +9,16 @@ an FPN with 256 output channels over ``layer1..layer4``.
 Example, starting from an ImageNet checkpoint of this project::
 
     from torchvision.models.detection import FasterRCNN
-    from engine.checkpoint import read_checkpoint
     from models import eca_resnet_fpn_backbone
 
-    weights = read_checkpoint("eca_resnet50_k3557.pth.tar").state_dict
-    backbone = eca_resnet_fpn_backbone("eca_resnet50", weights=weights)
+    backbone = eca_resnet_fpn_backbone("eca_resnet50", weights="eca_resnet50_k3557.safetensors")
     detector = FasterRCNN(backbone, num_classes=91)
+
+``weights`` takes a checkpoint path (``.pth.tar`` or ``.safetensors``) or a
+state_dict already in memory.
 """
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+import os
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ HEAD_PREFIX = "fc."
 def eca_resnet_fpn_backbone(
     arch: str,
     trainable_layers: int = 3,
-    weights: Optional[Mapping[str, torch.Tensor]] = None,
+    weights: Union[None, str, os.PathLike, Mapping[str, torch.Tensor]] = None,
     returned_layers: Optional[Sequence[int]] = None,
     extra_blocks: Optional["ExtraFPNBlock"] = None,
     norm_layer: Optional[Callable[[int], nn.Module]] = None,
@@ -56,10 +58,11 @@ def eca_resnet_fpn_backbone(
         arch: ``eca_resnet18`` ... ``eca_resnet152``.
         trainable_layers: how many of ``layer4, layer3, layer2, layer1, conv1``
             (counted from the deepest) keep ``requires_grad``; 0 to 5, as torchvision.
-        weights: an ImageNet state_dict to start from, e.g.
-            ``engine.checkpoint.read_checkpoint(path).state_dict``. ``module.``
-            prefixes are stripped and the classifier (``fc.*``) is ignored.
-            Its ECA kernel sizes are read from its tensors unless ``k_size`` is given.
+        weights: ImageNet weights to start from: a checkpoint path (read with
+            ``engine.checkpoint.read_checkpoint``, so any file ``--resume`` takes)
+            or a state_dict. ``module.`` prefixes are stripped and the classifier
+            (``fc.*``) is ignored. Its ECA kernel sizes are read from its tensors
+            unless ``k_size`` is given.
         returned_layers: which stages (1..4) feed the FPN; default all four.
         extra_blocks: an extra FPN level; default torchvision's ``LastLevelMaxPool``
             (the ``pool`` output Faster R-CNN and Mask R-CNN expect). RetinaNet
@@ -77,6 +80,7 @@ def eca_resnet_fpn_backbone(
     Raises:
         ValueError: unknown ``arch``, out-of-range ``trainable_layers`` or
             ``returned_layers``, or ``weights`` that do not fit the trunk.
+        engine.errors.UsageError: a ``weights`` path that is missing or not a checkpoint.
     """
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops import FrozenBatchNorm2d
@@ -90,6 +94,11 @@ def eca_resnet_fpn_backbone(
     if not stages or min(stages) < 1 or max(stages) > 4:
         raise ValueError(f"returned_layers must be stage numbers in 1..4, got {returned_layers}")
 
+    if isinstance(weights, (str, os.PathLike)):
+        # The engine builds on models, so its loader is imported only when a path needs it.
+        from engine.checkpoint import read_checkpoint
+
+        weights = read_checkpoint(os.fspath(weights)).state_dict
     state_dict = _trunk_state_dict(weights) if weights is not None else None
     if k_size is None and state_dict is not None:
         k_size = _kernel_sizes_of(state_dict)

@@ -2,6 +2,7 @@
 
     python scripts/export.py --resume model_best.pth.tar --format export --output eca_resnet50.pt2
     python scripts/export.py --resume model_best.pth.tar --format onnx --output eca_resnet50.onnx
+    python scripts/export.py --resume eca_resnet50_k3557.safetensors --format export --output eca_resnet50.pt2
 
 Both files take a float batch ``[N, 3, S, S]`` normalised with ImageNet's mean
 and std (``S`` = ``--input-size``) and return logits ``[N, classes]``; the batch
@@ -43,7 +44,7 @@ OUTPUT_NAME = "logits"
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = ArgumentParser(description="Export an ECA-Net checkpoint to torch.export (.pt2) or ONNX.")
-    parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint to export")
+    parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint to export (.pth.tar or .safetensors)")
     parser.add_argument("--format", required=True, choices=("export", "onnx"), help="export: torch.export .pt2; onnx: ONNX")
     parser.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt2 or .onnx)")
     parser.add_argument("-a", "--arch", choices=sorted(models.ARCHITECTURES), help="check that the checkpoint holds this architecture")

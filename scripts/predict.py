@@ -3,6 +3,7 @@
     python scripts/predict.py --resume runs/eca_resnet50_demo/model_best.pth.tar photo.jpg
     python scripts/predict.py --resume eca_resnet50_k3557.pth.tar --class-names imagenet_classes.txt -b 64 photos/
     python scripts/predict.py --resume model_best.pth.tar --json photos/ > predictions.json
+    python scripts/predict.py --resume eca_resnet50_k3557.safetensors photo.jpg
 
 Images are preprocessed as in validation (shorter side resized, centre crop,
 ImageNet mean and std). Class names come from ``--class-names`` (a text file,
@@ -47,7 +48,7 @@ class Prediction:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = ArgumentParser(description="Top-k classes of images, from a trained ECA-Net checkpoint.")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched recursively")
-    parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint to predict with")
+    parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint to predict with (.pth.tar or .safetensors)")
     parser.add_argument("-a", "--arch", choices=sorted(models.ARCHITECTURES), help="check that the checkpoint holds this architecture")
     parser.add_argument("--class-names", metavar="FILE", help="text file with one class name per line, in class-index order")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default 32)")

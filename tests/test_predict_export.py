@@ -10,10 +10,10 @@ from torch import nn
 import export
 import models
 import predict
-from conftest import run_script
+from conftest import run_main, run_script
 from engine.data import evaluation_sizes
 from engine.checkpoint import load_model
-from engine.errors import UsageError, run_cli
+from engine.errors import UsageError
 
 CLASS_NAMES = ["cat", "dog", "eel"]
 CROP_SIZE = 64
@@ -75,16 +75,8 @@ def val_images(tiny_data):
     )
 
 
-def _run_cli(script_main, capsys, *argv):
-    """An entry point in this process, as its command line runs it: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as stop:
-        run_cli(script_main, [str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
-
-
 def _predict_json(capsys, *argv) -> list:
-    status, out, err = _run_cli(predict.main, capsys, *argv, "--json", "--device", "cpu")
+    status, out, err = run_main(predict.main, capsys, *argv, "--json", "--device", "cpu")
     assert status == 0, err
     return json.loads(out)
 
@@ -93,7 +85,7 @@ def _predict_json(capsys, *argv) -> list:
 
 
 def test_predict_names_the_class(capsys, dog_checkpoint, val_images):
-    status, out, err = _run_cli(predict.main, capsys, "--resume", dog_checkpoint, val_images[0], "--device", "cpu")
+    status, out, err = run_main(predict.main, capsys, "--resume", dog_checkpoint, val_images[0], "--device", "cpu")
     assert status == 0, err
     lines = out.splitlines()
     assert lines[0] == val_images[0]
@@ -128,7 +120,7 @@ def test_release_checkpoint_takes_names_from_a_file(capsys, tmp_path, val_images
 def test_unreadable_image_among_many_is_skipped_with_a_warning(capsys, tmp_path, dog_checkpoint, val_images):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    status, out, err = _run_cli(predict.main, capsys, "--resume", dog_checkpoint, val_images[0], broken, val_images[1], "--json")
+    status, out, err = run_main(predict.main, capsys, "--resume", dog_checkpoint, val_images[0], broken, val_images[1], "--json")
     assert status == 0
     assert [record["image"] for record in json.loads(out)] == val_images[:2]
     assert "warning" in err and str(broken) in err
@@ -187,7 +179,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, dog_checkpoint, val_
             handle.write(b"\x00garbage" * 10)
     else:
         checkpoint = named = str(tmp_path / "no_such.pth.tar")
-    status, out, err = _run_cli(predict.main, capsys, "--resume", checkpoint, image, "--device", "cpu")
+    status, out, err = run_main(predict.main, capsys, "--resume", checkpoint, image, "--device", "cpu")
     assert status == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and named in lines[0]
@@ -214,7 +206,7 @@ def _printed_differences(stdout: str):
 
 def test_torch_export_matches_eager_with_a_dynamic_batch(capsys, tmp_path, random_checkpoint):
     output = tmp_path / "model.pt2"
-    status, out, err = _run_cli(
+    status, out, err = run_main(
         export.main, capsys, "--resume", random_checkpoint, "--format", "export", "--output", output,
         "--input-size", CROP_SIZE,
     )
