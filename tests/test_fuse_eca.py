@@ -384,3 +384,35 @@ def test_plain_ops_formulation_of_the_reference_block_end():
     x, shortcut = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
     expected = F.relu(eca(norm(x)) + shortcut)
     assert torch.equal(dispatch.reference_block_end(x, norm, eca, shortcut, relu=True), expected)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("block_name", ["bottleneck_downsample", "inverted_residual", "inverted_linear"])
+def test_gpu_block_end_matches_the_reference(block_name, layout, training):
+    """What ``auto`` runs on CUDA tensors, checked here on CPU tensors (and on a GPU in test_cuda.py)."""
+    from models.fused import gpu
+
+    template, channels = BLOCKS[block_name]
+    block = randomise(copy.deepcopy(template), seed=2).to(memory_format=LAYOUTS[layout]).train(training)
+    x = make_input((4, channels, 6, 5), layout, dtype=torch.float32, seed=21)
+    with torch.no_grad():  # the last convolution's output: the block end's input
+        if hasattr(block, "conv3"):
+            norm, eca, relu = block.bn3, block.eca, True
+            y = block.conv3(block.relu(block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))))
+            shortcut = block.downsample(x)
+        else:
+            norm, eca, relu = block.conv[-2], block.conv[-1], False
+            y = block.conv[:-2](x)
+            shortcut = x if block.use_res_connect else None
+    twin = copy.deepcopy(norm), copy.deepcopy(eca)
+    function = gpu.block_end if training else gpu.inference_block_end
+    with torch.set_grad_enabled(training):
+        got = function(y, norm, eca, shortcut, relu)
+        expected = dispatch.reference_block_end(y, *twin, shortcut, relu)
+    assert relative_error(got.detach(), expected.detach()) <= 1e-6
+    if training:
+        got.sum().backward()
+        expected.sum().backward()
+        assert relative_error(eca.conv.weight.grad, twin[1].conv.weight.grad) <= 1e-5
+        assert relative_error(norm.running_var, twin[0].running_var) <= 1e-6

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu
+from . import cpu, gpu
 
 IMPLS = ("auto", "reference", "cpu", "triton")
 CPU_DTYPES = {"auto": (torch.float32,), "cpu": (torch.float32, torch.float64)}
@@ -38,8 +38,9 @@ def select(impl: str, x: torch.Tensor, norm: nn.Module) -> BlockEnd:
     - ``cpu``: the CPU autograd Functions in eager mode, for float32 (and float64, to test them against
       the reference); graph capture and other dtypes get plain ops (the Functions read kernel taps as
       Python numbers, which capture cannot trace).
-    - ``auto``: ``cpu`` on float32 CPU tensors, so float64 stays bit-identical to the original; plain
-      ops on GPUs, where the Triton kernels have not yet been measured faster (docs/performance.md).
+    - ``auto``: ``cpu`` on float32 CPU tensors, so float64 stays bit-identical to the original; on
+      GPUs the fewest eager kernels (``gpu``), as the Triton kernels have not yet been measured
+      faster there (docs/performance.md).
     """
     if impl == "reference":
         return reference_block_end
@@ -47,7 +48,11 @@ def select(impl: str, x: torch.Tensor, norm: nn.Module) -> BlockEnd:
         return reference_block_end if onnx_or_torchscript() else triton_block_end()
     if impl not in ("auto", "cpu"):
         raise ValueError(f"unknown ECA implementation {impl!r}: choose one of {', '.join(IMPLS)}")
-    if capturing() or x.dtype not in CPU_DTYPES[impl] or (impl == "auto" and not x.is_cpu):
+    if capturing():
+        return reference_block_end
+    if impl == "auto" and not x.is_cpu:
+        return gpu.block_end if torch.is_grad_enabled() else gpu.inference_block_end
+    if x.dtype not in CPU_DTYPES[impl]:
         return reference_block_end
     if not torch.is_grad_enabled():
         return cpu.inference_block_end
