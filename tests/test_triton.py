@@ -1,0 +1,267 @@
+"""The Triton ECA block end against the plain modules, on the CPU under Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is first imported, so every
+check runs in one subprocess (this file run as a script, which prints each
+check's outcome as JSON) and each test here reports one check. To run checks
+by hand: ``TRITON_INTERPRET=1 python tests/test_triton.py [NAME ...]``.
+
+The reference is the plain formulation in float64 on deep copies of the same
+modules: ``BatchNorm2d``, the mean / ``Conv1d`` / sigmoid gate, add, ReLU.
+``tests/test_cuda.py`` runs the same cases on a GPU.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import traceback
+from typing import Callable, Dict, Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from models.eca_module import eca_layer  # noqa: E402
+
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+RELATIVE_TOLERANCE = 1e-4
+
+# name -> the block end's settings. Together they cover both layouts, odd, even and 1x1 maps,
+# maps longer than one tile, channel blocks whose taps reach across program boundaries,
+# k = 1..9 (and k beyond C), training and evaluation, and each block kind's end:
+# ResNet (shortcut and ReLU), residual MobileNetV2 (shortcut), plain MobileNetV2 (neither).
+RESNET = dict(shortcut=True, relu=True)
+MOBILENET_RESIDUAL = dict(shortcut=True, relu=False)
+MOBILENET = dict(shortcut=False, relu=False)
+BLOCK_END_CASES: Dict[str, dict] = {
+    "resnet-k3-nchw-odd-train": dict(shape=(2, 8, 5, 7), k=3, layout="nchw", train=True, **RESNET),
+    "resnet-k3-cl-odd-train": dict(shape=(2, 8, 5, 7), k=3, layout="channels_last", train=True, **RESNET),
+    "resnet-k5-nchw-even-eval": dict(shape=(3, 16, 4, 6), k=5, layout="nchw", train=False, **RESNET),
+    "resnet-k5-cl-even-eval": dict(shape=(3, 16, 4, 6), k=5, layout="channels_last", train=False, **RESNET),
+    "resnet-k1-cl-odd-train": dict(shape=(2, 12, 3, 5), k=1, layout="channels_last", train=True, **RESNET),
+    "resnet-k7-nchw-1x1-train": dict(shape=(4, 10, 1, 1), k=7, layout="nchw", train=True, **RESNET),
+    "resnet-k3-cl-1x1-eval": dict(shape=(4, 10, 1, 1), k=3, layout="channels_last", train=False, **RESNET),
+    "resnet-k5-nchw-40-channels-train": dict(shape=(3, 40, 5, 7), k=5, layout="nchw", train=True, **RESNET),
+    "resnet-k9-cl-40-channels-train": dict(shape=(3, 40, 3, 3), k=9, layout="channels_last", train=True, **RESNET),
+    "resnet-k3-nchw-long-map-train": dict(shape=(2, 4, 33, 35), k=3, layout="nchw", train=True, **RESNET),
+    "resnet-k3-cl-long-map-train": dict(shape=(2, 4, 33, 35), k=3, layout="channels_last", train=True, **RESNET),
+    "mobilenet-residual-k7-cl-odd-train": dict(shape=(2, 8, 5, 5), k=7, layout="channels_last", train=True,
+                                               **MOBILENET_RESIDUAL),
+    "mobilenet-residual-k7-nchw-even-eval": dict(shape=(2, 8, 4, 4), k=7, layout="nchw", train=False,
+                                                 **MOBILENET_RESIDUAL),
+    "mobilenet-k9-nchw-odd-train-c6": dict(shape=(2, 6, 3, 5), k=9, layout="nchw", train=True, **MOBILENET),
+    "mobilenet-k9-cl-even-eval": dict(shape=(2, 12, 4, 2), k=9, layout="channels_last", train=False, **MOBILENET),
+    "mobilenet-k1-nchw-even-eval": dict(shape=(2, 8, 2, 4), k=1, layout="nchw", train=False, **MOBILENET),
+    "mobilenet-k3-cl-column-map-train": dict(shape=(3, 8, 5, 1), k=3, layout="channels_last", train=True,
+                                             **MOBILENET),
+    "relu-without-shortcut-k3-nchw-train": dict(shape=(2, 8, 3, 4), k=3, layout="nchw", train=True,
+                                                shortcut=False, relu=True),
+    "shortcut-and-gradient-in-the-other-layout": dict(shape=(2, 8, 3, 5), k=5, layout="channels_last", train=True,
+                                                      other_layouts=True, **RESNET),
+    "mean-far-from-zero-train": dict(shape=(2, 8, 6, 6), k=3, layout="nchw", train=True, offset=1000.0, **RESNET),
+    "momentum-none-two-steps": dict(shape=(2, 8, 3, 3), k=3, layout="channels_last", train=True, steps=2,
+                                    norm_options=dict(momentum=None), **RESNET),
+    "momentum-0.3-two-steps": dict(shape=(2, 8, 3, 3), k=5, layout="nchw", train=True, steps=2,
+                                   norm_options=dict(momentum=0.3), **MOBILENET_RESIDUAL),
+    "no-affine-no-running-stats-train": dict(shape=(2, 8, 3, 3), k=3, layout="nchw", train=True,
+                                             norm_options=dict(affine=False, track_running_stats=False), **RESNET),
+    "no-running-stats-eval-uses-the-batch": dict(shape=(2, 8, 3, 3), k=3, layout="channels_last", train=False,
+                                                 norm_options=dict(track_running_stats=False), **MOBILENET),
+}
+
+
+def plain_block_end(x, norm: nn.BatchNorm2d, eca: nn.Module, shortcut: Optional[torch.Tensor], relu: bool):
+    """The formulation the kernels stand in for: BatchNorm, the paper's ECA layer, add, ReLU."""
+    y = norm(x)
+    taps = eca.conv.weight
+    logits = F.conv1d(y.mean((2, 3)).unsqueeze(1), taps, padding=(taps.shape[-1] - 1) // 2).squeeze(1)
+    out = y * torch.sigmoid(logits)[..., None, None]
+    if shortcut is not None:
+        out = out + shortcut
+    return F.relu(out) if relu else out
+
+
+def randomised_modules(channels: int, k: int, seed: int, **norm_options) -> Tuple[nn.BatchNorm2d, nn.Module]:
+    """A BatchNorm and an ECA layer with every parameter and buffer drawn from ``seed`` (not the defaults)."""
+    generator = torch.Generator().manual_seed(seed)
+    norm, eca = nn.BatchNorm2d(channels, **norm_options), eca_layer(channels, k)
+    with torch.no_grad():
+        eca.conv.weight.copy_(torch.randn(1, 1, k, generator=generator))
+        if norm.affine:
+            norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+            norm.bias.copy_(torch.randn(channels, generator=generator) * 0.5)
+        if norm.track_running_stats:
+            norm.running_mean.copy_(torch.randn(channels, generator=generator))
+            norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+    return norm, eca
+
+
+def assert_relatively_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Within ``RELATIVE_TOLERANCE`` of the largest expected magnitude, element by element."""
+    scale = expected.abs().max().item()
+    tolerance = RELATIVE_TOLERANCE * scale
+    error = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    assert error <= tolerance, f"{what}: off by {error:.3g}, more than {RELATIVE_TOLERANCE} of {scale:.3g}"
+
+
+def block_end_matches_plain(shape, k, layout, train, shortcut, relu, other_layouts=False, offset=0.0, steps=1,
+                            norm_options=None, device="cpu", seed=0) -> None:
+    """Forward, every gradient and BatchNorm's buffers of ``block_end`` against the float64 plain formulation."""
+    from models.fused.triton import block_end
+
+    norm, eca = randomised_modules(shape[1], k, seed, **(norm_options or {}))
+    norm, eca = norm.to(device).train(train), eca.to(device)
+    plain_norm, plain_eca = copy.deepcopy(norm).double(), copy.deepcopy(eca).double()
+    memory_format = MEMORY_FORMATS[layout]
+    other_format = MEMORY_FORMATS["nchw" if layout == "channels_last" else "channels_last"]
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(seed + 1 + step)
+        draws = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3)]
+        x = (draws[0] * 2 + offset).to(device, torch.float32).contiguous(memory_format=memory_format)
+        residual = draws[1].to(device, torch.float32)
+        residual = residual.contiguous(memory_format=other_format if other_layouts else memory_format)
+        grad_out = draws[2].to(device, torch.float32).contiguous(memory_format=other_format if other_layouts else
+                                                                 memory_format)
+        inputs = [x.requires_grad_()] + ([residual.requires_grad_()] if shortcut else [])
+        plain_inputs = [t.detach().double().requires_grad_() for t in inputs]
+        out = block_end(inputs[0], norm, eca, inputs[1] if shortcut else None, relu)
+        expected = plain_block_end(plain_inputs[0], plain_norm, plain_eca, plain_inputs[1] if shortcut else None, relu)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=memory_format), "output layout"
+        assert_relatively_close(out, expected, f"step {step} output")
+        parameters = [p for p in (*norm.parameters(), *eca.parameters())]
+        plain_parameters = [p for p in (*plain_norm.parameters(), *plain_eca.parameters())]
+        got = torch.autograd.grad(out, inputs + parameters, grad_out)
+        wanted = torch.autograd.grad(expected, plain_inputs + plain_parameters, grad_out.double())
+        names = ["x", "shortcut"][: len(inputs)] + [f"parameter {i}" for i in range(len(parameters))]
+        for name, a, b in zip(names, got, wanted):
+            assert_relatively_close(a, b, f"step {step} gradient of {name}")
+        for (name, buffer), plain_buffer in zip(norm.named_buffers(), plain_norm.buffers()):
+            if buffer.is_floating_point():
+                assert_relatively_close(buffer, plain_buffer, f"step {step} {name}")
+            else:
+                assert torch.equal(buffer.cpu(), plain_buffer.cpu()), f"step {step} {name}: {buffer} != {plain_buffer}"
+
+
+class Block(nn.Module):
+    """A block's end around :func:`block_end`, for compile and export."""
+
+    def __init__(self, channels: int, k: int, seed: int = 0):
+        super().__init__()
+        self.norm, self.eca = randomised_modules(channels, k, seed)
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        from models.fused.triton import block_end
+
+        return block_end(x, self.norm, self.eca, shortcut, relu=True)
+
+
+def compiled_training_matches_eager() -> None:
+    """``torch.compile(fullgraph=True)`` (no graph break) trains a block as eager does, buffers included."""
+    eager = Block(8, 3)
+    compiled_block = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_block, backend="aot_eager", fullgraph=True)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(2):
+        x, shortcut = (torch.randn(2, 8, 5, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+                       for _ in range(2))
+        results = []
+        for model in (eager, compiled):
+            inputs = [x.clone().requires_grad_(), shortcut.clone().requires_grad_()]
+            out = model(*inputs)
+            out.square().sum().backward()
+            results.append([out, *(t.grad for t in inputs)])
+        for what, a, b in zip(("output", "grad x", "grad shortcut"), *results):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=f"step {step} {what}")
+    for (name, a), b in zip(eager.named_parameters(), compiled_block.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6, msg=f"gradient of {name}")
+    for (name, a), b in zip(eager.named_buffers(), compiled_block.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def export_records_the_ops() -> None:
+    """``torch.export`` keeps ``eca::block_end`` (and in training the buffer update) as ops, and runs them."""
+    block = Block(8, 5)
+    x, shortcut = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    for training, expected_ops in ((True, {"eca.block_end", "eca.update_running_stats"}), (False, {"eca.block_end"})):
+        block.train(training)
+        exported = torch.export.export(block, (x, shortcut))
+        called = {str(node.target).rsplit(".", 1)[0] for node in exported.graph.nodes if node.op == "call_function"}
+        assert expected_ops <= called, f"training={training}: the exported graph calls {sorted(called)}"
+        reference = copy.deepcopy(block)
+        torch.testing.assert_close(exported.module()(x, shortcut), reference(x, shortcut), rtol=1e-6, atol=1e-6)
+
+
+def one_value_per_channel_is_refused_as_batch_norm_refuses_it() -> None:
+    from models.fused.triton import block_end
+
+    norm, eca = randomised_modules(4, 3, 0)
+    x = torch.randn(1, 4, 1, 1)
+    for call in (lambda: norm(x), lambda: block_end(x, norm, eca, None, False)):
+        try:
+            call()
+        except ValueError as error:
+            assert "Expected more than 1 value per channel when training" in str(error)
+        else:
+            raise AssertionError("a batch of one value per channel was accepted")
+
+
+CHECKS: Dict[str, Callable[[], None]] = {
+    **{name: (lambda case=case: block_end_matches_plain(**case)) for name, case in BLOCK_END_CASES.items()},
+    "compiled-training-matches-eager": compiled_training_matches_eager,
+    "export-records-the-ops": export_records_the_ops,
+    "one-value-per-channel-is-refused": one_value_per_channel_is_refused_as_batch_norm_refuses_it,
+}
+
+
+def run_checks(names) -> Dict[str, Optional[str]]:
+    """Each check's failure, as the last lines of its traceback, or None where it passed."""
+    outcomes = {}
+    for name in names:
+        try:
+            CHECKS[name]()
+            outcomes[name] = None
+        except Exception:  # every failure is reported, with its traceback, by the test of that check
+            outcomes[name] = "".join(traceback.format_exc().splitlines(keepends=True)[-12:])
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def interpreted_outcomes() -> Dict[str, Optional[str]]:
+    """Every check run once in one subprocess under Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    result = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and lines, f"the interpreted checks did not run:\n{result.stdout}\n{result.stderr}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_under_the_interpreter(name, interpreted_outcomes):
+    assert name in interpreted_outcomes, f"{name} did not run"
+    failure = interpreted_outcomes[name]
+    assert failure is None, failure
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs a process without the interpreter")
+def test_cpu_tensors_without_the_interpreter_get_one_line_saying_what_to_do():
+    pytest.importorskip("triton")
+    from models.fused.triton import block_end, unavailable_reason
+
+    reason = unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason and "\n" not in reason
+    norm, eca = randomised_modules(4, 3, 0)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        block_end(torch.randn(2, 4, 3, 3), norm, eca, None, True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1: these checks run the Triton kernels under the interpreter")
+    print(json.dumps(run_checks(sys.argv[1:] or list(CHECKS))))
