@@ -2,9 +2,11 @@
 
 The rest of the suite runs on the CPU; these check on a GPU what only a GPU
 exercises: every ECA implementation on CUDA tensors against the reference,
-autocast, pinned non-blocking batches normalised on the device, NCCL set-up,
-and the entry scripts end to end.
+the Triton block end compiled for the GPU (``tests/test_triton.py`` runs it
+under the interpreter), autocast, pinned non-blocking batches normalised on
+the device, NCCL set-up, and the entry scripts end to end.
 """
+import contextlib
 import copy
 import os
 import re
@@ -18,6 +20,8 @@ from conftest import ROOT, run_script
 from models import ARCHITECTURES, fuse_eca
 from original_formulation import original_forward
 from test_fuse_eca import BLOCKS, assert_matches, make_model, randomise, relative_error, run
+from test_triton import BLOCK_END_CASES, block_end_matches_plain, compiled_training_matches_eager, plain_block_end
+from test_triton import randomised_modules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -131,3 +135,72 @@ def test_a_gpu_gets_uint8_batches_and_normalises_them_on_the_device():
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
     torch.testing.assert_close(prepared.cpu().double(), (images.double() / 255 - mean) / std, rtol=0, atol=1e-6)
+
+
+# The Triton block end (models/fused/triton.py), compiled for the GPU: the interpreter's cases, then
+# maps of the sizes ResNets and MobileNetV2 have at 224 px, which span many tiles and programs.
+TRITON_GPU_SHAPES = {
+    "resnet50-layer1": ((4, 256, 56, 56), 3),
+    "resnet50-layer3": ((8, 1024, 14, 14), 5),
+    "resnet50-layer4": ((16, 2048, 7, 7), 7),
+    "resnet18-layer1": ((8, 64, 56, 56), 3),
+    "mobilenet-160": ((16, 160, 7, 7), 3),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_END_CASES))
+def test_triton_block_end_matches_plain_formulation_on_cuda(name):
+    block_end_matches_plain(**BLOCK_END_CASES[name], device="cuda")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(TRITON_GPU_SHAPES))
+def test_triton_block_end_on_network_sized_maps(name, layout, train):
+    shape, k = TRITON_GPU_SHAPES[name]
+    block_end_matches_plain(shape=shape, k=k, layout=layout, train=train, shortcut=True, relu=True, device="cuda")
+
+
+def half_precision_block_end(block_end, x, norm, eca, shortcut, grad_out, dtype=None):
+    """Output and every gradient of one block end, run under autocast to ``dtype`` where given."""
+    inputs = [x.detach().clone().requires_grad_(), shortcut.detach().clone().requires_grad_()]
+    with torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext():
+        out = block_end(inputs[0], norm, eca, inputs[1], True)
+    grads = torch.autograd.grad(out, [*inputs, *norm.parameters(), *eca.parameters()], grad_out)
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_block_end_under_autocast_is_as_accurate_as_the_plain_modules(dtype, layout, seed):
+    """bf16 / fp16 maps with float32 parameters, accumulated in float32, written in the maps' dtype.
+
+    Both the kernels and the plain modules under autocast are held to the
+    float64 formulation of the same rounded inputs; the kernels' error, output
+    and gradients alike, may be at most twice the plain modules' (they round
+    less: one float32 computation, one rounding of the result).
+    """
+    from models.fused.triton import block_end
+
+    shape = (8, 64, 14, 14)
+    x, shortcut, grad_out = (cuda_tensor(shape, layout, dtype, seed * 3 + i) for i in range(3))
+    norm, eca = (module.cuda() for module in randomised_modules(64, 5, seed))
+    plain_norm, plain_eca = copy.deepcopy(norm), copy.deepcopy(eca)
+    exact_norm, exact_eca = copy.deepcopy(norm).double(), copy.deepcopy(eca).double()
+    got = half_precision_block_end(block_end, x, norm, eca, shortcut, grad_out, dtype)
+    plain = half_precision_block_end(plain_block_end, x, plain_norm, plain_eca, shortcut, grad_out, dtype)
+    exact = half_precision_block_end(plain_block_end, x.double(), exact_norm, exact_eca, shortcut.double(),
+                                     grad_out.double())
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=LAYOUTS[layout])
+    names = ["output", "grad x", "grad shortcut", "grad weight", "grad bias", "grad kernel"]
+    for name, a, b, reference in zip(names, got, plain, exact):
+        error, plain_error = (a.double() - reference).norm(), (b.double() - reference).norm()
+        assert error <= 2 * plain_error + 1e-3 * reference.norm(), f"{name}: {error:.3g} against the plain {plain_error:.3g}"
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        buffer, exact_buffer = getattr(norm, name), getattr(exact_norm, name)
+        torch.testing.assert_close(buffer.to(exact_buffer.dtype), exact_buffer, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def test_triton_block_end_compiles_whole_with_inductor():
+    compiled_training_matches_eager(device="cuda", backend="inductor", shape=(8, 64, 14, 14))

@@ -161,14 +161,21 @@ class Block(nn.Module):
         return block_end(x, self.norm, self.eca, shortcut, relu=True)
 
 
-def compiled_training_matches_eager() -> None:
-    """``torch.compile(fullgraph=True)`` (no graph break) trains a block as eager does, buffers included."""
-    eager = Block(8, 3)
+def compiled_training_matches_eager(device: str = "cpu", backend: str = "aot_eager", shape=(2, 8, 5, 5)) -> None:
+    """``torch.compile(fullgraph=True)`` (no graph break) trains a block as eager does, buffers included.
+
+    Under the interpreter ``aot_eager`` runs AOTAutograd's graphs, the custom
+    ops in them (Inductor works too, at ten times the compile time; the fake
+    kernels' agreement with the real ones is :func:`ops_pass_opcheck`'s);
+    on a GPU Inductor itself is tested.
+    """
+    torch._dynamo.reset()
+    eager = Block(shape[1], 3).to(device)
     compiled_block = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_block, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(compiled_block, backend=backend, fullgraph=True)
     generator = torch.Generator().manual_seed(5)
     for step in range(2):
-        x, shortcut = (torch.randn(2, 8, 5, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+        x, shortcut = (torch.randn(shape, generator=generator).to(device).contiguous(memory_format=torch.channels_last)
                        for _ in range(2))
         results = []
         for model in (eager, compiled):
@@ -197,6 +204,28 @@ def export_records_the_ops() -> None:
         torch.testing.assert_close(exported.module()(x, shortcut), reference(x, shortcut), rtol=1e-6, atol=1e-6)
 
 
+def ops_pass_opcheck() -> None:
+    """``torch.library.opcheck``: schemas, autograd registration, fake kernels (shapes, strides, dtypes) and AOTAutograd."""
+    import models.fused.triton  # noqa: F401  (registers the eca:: ops)
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 3, 5, generator=generator).contiguous(memory_format=torch.channels_last).requires_grad_()
+    shortcut = torch.randn(2, 8, 3, 5, generator=generator).requires_grad_()
+    weight, bias = (torch.rand(8, generator=generator) + 0.5).requires_grad_(), torch.randn(8).requires_grad_()
+    taps = torch.randn(1, 1, 3, generator=generator).requires_grad_()
+    running = (torch.randn(8, generator=generator), torch.rand(8, generator=generator) + 0.5)
+    training = (x, shortcut, weight, bias, taps, None, None, 1e-5, True)
+    for args in (training, (x, None, weight, bias, taps, *running, 1e-5, False)):
+        torch.library.opcheck(torch.ops.eca.block_end.default, args)
+    out, mean, var, pair_mean, gate = torch.ops.eca.block_end(*training)
+    detached = [t.detach() for t in (x, out, weight, bias, taps)]
+    grad = torch.randn(2, 8, 3, 5, generator=generator)
+    torch.library.opcheck(torch.ops.eca.block_end_backward.default,
+                          (grad, *detached, mean, var, pair_mean, gate, 1e-5, True, True, True))
+    torch.library.opcheck(torch.ops.eca.update_running_stats.default,
+                          (*running, torch.tensor(0), mean, var, None, x.numel() // 8))
+
+
 def one_value_per_channel_is_refused_as_batch_norm_refuses_it() -> None:
     from models.fused.triton import block_end
 
@@ -215,6 +244,7 @@ CHECKS: Dict[str, Callable[[], None]] = {
     **{name: (lambda case=case: block_end_matches_plain(**case)) for name, case in BLOCK_END_CASES.items()},
     "compiled-training-matches-eager": compiled_training_matches_eager,
     "export-records-the-ops": export_records_the_ops,
+    "ops-pass-opcheck": ops_pass_opcheck,
     "one-value-per-channel-is-refused": one_value_per_channel_is_refused_as_batch_norm_refuses_it,
 }
 
