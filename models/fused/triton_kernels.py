@@ -61,6 +61,13 @@ def _channel_affine(channels, mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps
 
 
 @triton.jit
+def _batch_tile(start, B, channels, channel_mask, C, BLOCK_B: tl.constexpr):
+    """Offsets into a ``[B, C]`` buffer of the ``[BLOCK_B, BLOCK_C]`` tile of pairs from sample ``start``, and its mask."""
+    samples = start + tl.arange(0, BLOCK_B)
+    return samples[:, None] * C + channels[None, :], (samples < B)[:, None] & channel_mask[None, :]
+
+
+@triton.jit
 def pair_moments_kernel(
     x_ptr, pair_mean_ptr, pair_m2_ptr, C, HW, stride_b, stride_c, stride_hw,
     WITH_M2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -112,16 +119,12 @@ def channel_affine_kernel(
     if BATCH_STATS:
         total = tl.zeros([BLOCK_C], tl.float32)
         for start in range(0, B, BLOCK_B):
-            samples = start + tl.arange(0, BLOCK_B)
-            mask = (samples < B)[:, None] & channel_mask[None, :]
-            pairs = samples[:, None] * C + channels[None, :]
+            pairs, mask = _batch_tile(start, B, channels, channel_mask, C, BLOCK_B)
             total += tl.sum(tl.load(pair_mean_ptr + pairs, mask=mask, other=0.0), axis=0)
         mean = total / B
         m2 = tl.zeros([BLOCK_C], tl.float32)
         for start in range(0, B, BLOCK_B):
-            samples = start + tl.arange(0, BLOCK_B)
-            mask = (samples < B)[:, None] & channel_mask[None, :]
-            pairs = samples[:, None] * C + channels[None, :]
+            pairs, mask = _batch_tile(start, B, channels, channel_mask, C, BLOCK_B)
             deviations = tl.where(mask, tl.load(pair_mean_ptr + pairs, mask=mask, other=0.0) - mean[None, :], 0.0)
             pair_m2 = tl.load(pair_m2_ptr + pairs, mask=mask, other=0.0)
             m2 += tl.sum(pair_m2 + HW * deviations * deviations, axis=0)
