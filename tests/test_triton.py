@@ -223,7 +223,7 @@ def ops_pass_opcheck() -> None:
     torch.library.opcheck(torch.ops.eca.block_end_backward.default,
                           (grad, *detached, mean, var, pair_mean, gate, 1e-5, True, True, True))
     torch.library.opcheck(torch.ops.eca.update_running_stats.default,
-                          (*running, torch.tensor(0), mean, var, None, x.numel() // 8))
+                          (*running, torch.tensor(1), mean, var, None, x.numel() // 8))
 
 
 def one_value_per_channel_is_refused_as_batch_norm_refuses_it() -> None:

@@ -84,6 +84,9 @@ def block_end(x: Tensor, norm: nn.BatchNorm2d, eca: nn.Module, shortcut: Optiona
     running = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
     out, mean, var, _, _ = torch.ops.eca.block_end(x, shortcut, weight, bias, eca.conv.weight, *running, norm.eps, relu)
     if norm.training and norm.track_running_stats:
+        if norm.num_batches_tracked is not None:
+            # Counted as nn.BatchNorm2d counts, before the update that may divide by the count.
+            norm.num_batches_tracked.add_(1)
         torch.ops.eca.update_running_stats(
             norm.running_mean, norm.running_var, norm.num_batches_tracked, mean, var, norm.momentum, x.numel() // x.shape[1]
         )
@@ -328,9 +331,7 @@ def _backward(ctx, grad: Tensor, *_unused: Tensor) -> Tuple[Optional[Tensor], ..
 _block_end.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op(
-    "eca::update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
-)
+@torch.library.custom_op("eca::update_running_stats", mutates_args=("running_mean", "running_var"))
 def _update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -340,18 +341,18 @@ def _update_running_stats(
     momentum: Optional[float],
     count: int,
 ) -> None:
-    """What ``nn.BatchNorm2d`` does to its buffers after a training batch of ``count`` values per channel.
+    """What ``nn.BatchNorm2d`` does to its running statistics after a training batch of ``count`` values per channel.
 
-    The batch is counted, the factor is ``momentum`` (or one over the count when
-    it is None, and 0 then without a count), the variance enters unbiased.
+    The factor is ``momentum``, or where it is None one over the batch count
+    (already incremented), and 0 without a count; the variance enters unbiased.
     """
     _require_device(mean)
     channels = mean.numel()
-    _kernels().running_stats_kernel[(1,)](
-        running_mean, running_var, mean if num_batches_tracked is None else num_batches_tracked, mean, var,
-        channels, 0.0 if momentum is None else momentum, count / (count - 1),
-        COUNT_BATCH=num_batches_tracked is not None, CUMULATIVE=momentum is None,
-        BLOCK_C=min(_power_of_two_at_least(channels), 1024),
+    block_c = min(_power_of_two_at_least(channels), 1024)
+    cumulative = momentum is None and num_batches_tracked is not None
+    _kernels().running_stats_kernel[(-(-channels // block_c),)](
+        running_mean, running_var, num_batches_tracked if cumulative else mean, mean, var,
+        channels, 0.0 if momentum is None else momentum, count / (count - 1), CUMULATIVE=cumulative, BLOCK_C=block_c,
     )
 
 

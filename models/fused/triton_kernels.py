@@ -340,28 +340,24 @@ def grad_input_kernel(
 @triton.jit
 def running_stats_kernel(
     running_mean_ptr, running_var_ptr, batches_ptr, mean_ptr, var_ptr, C, momentum, unbias,
-    COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+    CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``nn.BatchNorm2d``'s buffer update in one program: count the batch, then blend in mean and unbiased variance.
+    """``nn.BatchNorm2d``'s running statistics after a batch: blend in its mean and unbiased variance.
 
-    One program, so that the batch count is read and incremented once; with
-    ``CUMULATIVE`` (``momentum=None``) the factor is one over the new count.
+    The factor is ``momentum``, or with ``CUMULATIVE`` (``momentum=None``) one
+    over the batch count, which the caller has already incremented.
     """
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = channels < C
     factor = momentum
-    if COUNT_BATCH:
-        batches = tl.load(batches_ptr) + 1
-        tl.store(batches_ptr, batches)
-        if CUMULATIVE:
-            factor = 1.0 / batches.to(tl.float32)
-    for start in range(0, C, BLOCK_C):
-        channels = start + tl.arange(0, BLOCK_C)
-        mask = channels < C
-        running_mean = tl.load(running_mean_ptr + channels, mask=mask, other=0.0).to(tl.float32)
-        running_var = tl.load(running_var_ptr + channels, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + channels, mask=mask, other=0.0)
-        var = tl.load(var_ptr + channels, mask=mask, other=0.0) * unbias
-        tl.store(running_mean_ptr + channels, factor * mean + (1.0 - factor) * running_mean, mask=mask)
-        tl.store(running_var_ptr + channels, factor * var + (1.0 - factor) * running_var, mask=mask)
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(batches_ptr).to(tl.float32)
+    running_mean = tl.load(running_mean_ptr + channels, mask=mask, other=0.0).to(tl.float32)
+    running_var = tl.load(running_var_ptr + channels, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + channels, mask=mask, other=0.0)
+    var = tl.load(var_ptr + channels, mask=mask, other=0.0) * unbias
+    tl.store(running_mean_ptr + channels, factor * mean + (1.0 - factor) * running_mean, mask=mask)
+    tl.store(running_var_ptr + channels, factor * var + (1.0 - factor) * running_var, mask=mask)
 
 
 # Whether triton.jit made interpreted functions (TRITON_INTERPRET=1 when triton was first imported).
