@@ -134,11 +134,12 @@ def block_end_matches_plain(shape, k, layout, train, shortcut, relu, other_layou
         expected = plain_block_end(plain_inputs[0], plain_norm, plain_eca, plain_inputs[1] if shortcut else None, relu)
         assert out.dtype == torch.float32 and out.is_contiguous(memory_format=memory_format), "output layout"
         assert_relatively_close(out, expected, f"step {step} output")
-        parameters = [p for p in (*norm.parameters(), *eca.parameters())]
-        plain_parameters = [p for p in (*plain_norm.parameters(), *plain_eca.parameters())]
-        got = torch.autograd.grad(out, inputs + parameters, grad_out)
+        named = [(f"{owner}.{n}", p) for owner, module in (("norm", norm), ("eca", eca))
+                 for n, p in module.named_parameters()]
+        plain_parameters = [*plain_norm.parameters(), *plain_eca.parameters()]
+        got = torch.autograd.grad(out, inputs + [p for _, p in named], grad_out)
         wanted = torch.autograd.grad(expected, plain_inputs + plain_parameters, grad_out.double())
-        names = ["x", "shortcut"][: len(inputs)] + [f"parameter {i}" for i in range(len(parameters))]
+        names = ["x", "shortcut"][: len(inputs)] + [n for n, _ in named]
         for name, a, b in zip(names, got, wanted):
             assert_relatively_close(a, b, f"step {step} gradient of {name}")
         for (name, buffer), plain_buffer in zip(norm.named_buffers(), plain_norm.buffers()):

@@ -62,7 +62,8 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     if device_type == "cuda" or (device_type == "cpu" and kernels.INTERPRETED):
         return None
     if device_type == "cpu":
-        return "the Triton ECA kernels run on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+        return ("the Triton ECA kernels run on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 "
+                "set before triton is imported")
     return f"the Triton ECA kernels run on CUDA tensors, not on {device_type} tensors"
 
 
@@ -234,7 +235,7 @@ def _block_end_fake(x, shortcut, weight, bias, taps, running_mean, running_var, 
 
 def _backward_outputs(grad: Tensor, x: Tensor, out: Optional[Tensor], weight: Tensor, bias: Tensor,
                       write_g: bool) -> Tuple[Tensor, ...]:
-    """``eca::block_end_backward``'s outputs but the taps' gradient, unwritten (the real and the fake kernel allocate them here)."""
+    """``eca::block_end_backward``'s outputs but the taps' gradient, unwritten; the real and the fake kernel allocate them here."""
     channels = x.shape[1]
     g = torch.empty_like(out, dtype=grad.dtype) if write_g else grad.new_empty(0)
     return torch.empty_like(_addressable(x)), weight.new_empty(channels), bias.new_empty(channels), g
