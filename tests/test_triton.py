@@ -241,12 +241,26 @@ def one_value_per_channel_is_refused_as_batch_norm_refuses_it() -> None:
             raise AssertionError("a batch of one value per channel was accepted")
 
 
+def other_norms_are_refused() -> None:
+    """SyncBatchNorm's statistics span processes: folding it would be silently wrong, so it is refused in words."""
+    from models.fused.triton import block_end
+
+    _, eca = randomised_modules(4, 3, 0)
+    try:
+        block_end(torch.randn(2, 4, 3, 3), nn.SyncBatchNorm(4), eca, None, True)
+    except TypeError as error:
+        assert "SyncBatchNorm" in str(error) and "\n" not in str(error), str(error)
+    else:
+        raise AssertionError("a SyncBatchNorm was folded")
+
+
 CHECKS: Dict[str, Callable[[], None]] = {
     **{name: (lambda case=case: block_end_matches_plain(**case)) for name, case in BLOCK_END_CASES.items()},
     "compiled-training-matches-eager": compiled_training_matches_eager,
     "export-records-the-ops": export_records_the_ops,
     "ops-pass-opcheck": ops_pass_opcheck,
     "one-value-per-channel-is-refused": one_value_per_channel_is_refused_as_batch_norm_refuses_it,
+    "other-norms-are-refused": other_norms_are_refused,
 }
 
 

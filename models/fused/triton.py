@@ -95,6 +95,9 @@ def block_end(x: Tensor, norm: nn.BatchNorm2d, eca: nn.Module, shortcut: Optiona
 
 
 def _check_arguments(x: Tensor, norm: nn.BatchNorm2d, eca: nn.Module, shortcut: Optional[Tensor]) -> None:
+    if not isinstance(norm, nn.BatchNorm2d):
+        # SyncBatchNorm's statistics span processes, which these kernels do not reach.
+        raise TypeError(f"the Triton ECA block end folds an nn.BatchNorm2d, not {type(norm).__name__}")
     if x.dim() != 4:
         raise ValueError(f"the Triton ECA block end takes a [B, C, H, W] feature map, got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
