@@ -18,10 +18,10 @@ import torch
 
 from conftest import ROOT, run_script
 from models import ARCHITECTURES, fuse_eca
+from models.fused.dispatch import reference_block_end
 from original_formulation import original_forward
 from test_fuse_eca import BLOCKS, assert_matches, make_model, randomise, relative_error, run
-from test_triton import BLOCK_END_CASES, block_end_matches_plain, compiled_training_matches_eager, plain_block_end
-from test_triton import randomised_modules
+from test_triton import BLOCK_END_CASES, block_end_matches_plain, compiled_training_matches_eager, randomised_modules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -189,8 +189,8 @@ def test_triton_block_end_under_autocast_is_as_accurate_as_the_plain_modules(dty
     plain_norm, plain_eca = copy.deepcopy(norm), copy.deepcopy(eca)
     exact_norm, exact_eca = copy.deepcopy(norm).double(), copy.deepcopy(eca).double()
     got = half_precision_block_end(block_end, x, norm, eca, shortcut, grad_out, dtype)
-    plain = half_precision_block_end(plain_block_end, x, plain_norm, plain_eca, shortcut, grad_out, dtype)
-    exact = half_precision_block_end(plain_block_end, x.double(), exact_norm, exact_eca, shortcut.double(),
+    plain = half_precision_block_end(reference_block_end, x, plain_norm, plain_eca, shortcut, grad_out, dtype)
+    exact = half_precision_block_end(reference_block_end, x.double(), exact_norm, exact_eca, shortcut.double(),
                                      grad_out.double())
     assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=LAYOUTS[layout])
     names = ["output", "grad x", "grad shortcut", "grad weight", "grad bias", "grad kernel"]

@@ -202,33 +202,33 @@ def _block_end(
     eps: float,
     relu: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(out, mean, var, pair_mean, gate)``: the block end, BatchNorm's mean and biased variance ``[C]``
-    (the batch's, or the running statistics where given), ``x``'s means and ECA's gate per pair ``[B, C]``."""
+    """``(out, mean, var, pair_deviation, gate)``: the block end, BatchNorm's mean and biased variance ``[C]``
+    (the batch's, or the running statistics where given), each map's mean of ``x`` less that mean and ECA's
+    gate per pair ``[B, C]``."""
     _require_device(x)
     kernels = _kernels()
     x = _addressable(x)
-    out, mean, var, pair_mean, gate = _forward_outputs(x, shortcut)
+    out, mean, var, pair_deviation, gate = _forward_outputs(x, shortcut)
     batch, channels, height, width = x.shape
     positions = height * width
     batch_stats = running_mean is None
-    pair_m2 = torch.empty_like(pair_mean) if batch_stats else pair_mean
+    pair_m2 = torch.empty_like(pair_deviation) if batch_stats else pair_deviation
     tile = _map_tile(x)
     kernels.pair_moments_kernel[_map_grid(x, tile)](
-        x, pair_mean, pair_m2, channels, positions, *_strides(x), WITH_M2=batch_stats, **tile
+        x, pair_deviation, pair_m2, channels, positions, *_strides(x), WITH_M2=batch_stats, **tile
     )
-    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     pair_tile = _pair_tile(batch, channels)
-    kernels.channel_affine_kernel[(-(-channels // pair_tile["BLOCK_C"]),)](
-        pair_mean, pair_m2, mean if batch_stats else running_mean, var if batch_stats else running_var,
-        weight, bias, mean, var, scale, shift, batch, channels, positions, eps, BATCH_STATS=batch_stats, **pair_tile,
+    kernels.channel_statistics_kernel[(-(-channels // pair_tile["BLOCK_C"]),)](
+        x, pair_deviation, pair_m2, mean if batch_stats else running_mean, var if batch_stats else running_var,
+        mean, var, batch, channels, positions, x.stride(1), BATCH_STATS=batch_stats, **pair_tile,
     )
     residual = x if shortcut is None else _addressable(shortcut)
     kernels.gate_apply_kernel[_map_grid(x, tile)](
-        x, residual, out, pair_mean, scale, shift, taps, gate, channels, positions,
+        x, residual, out, pair_deviation, mean, var, weight, bias, taps, gate, channels, positions, eps,
         *_strides(x), *_strides(residual), *_strides(out),
         K=taps.shape[-1], HAS_SHORTCUT=shortcut is not None, RELU=relu, **tile,
     )
-    return out, mean, var, pair_mean, gate
+    return out, mean, var, pair_deviation, gate
 
 
 @_block_end.register_fake
@@ -254,7 +254,7 @@ def _block_end_backward(
     taps: Tensor,
     mean: Tensor,
     var: Tensor,
-    pair_mean: Tensor,
+    pair_deviation: Tensor,
     gate: Tensor,
     eps: float,
     batch_stats: bool,
@@ -272,7 +272,7 @@ def _block_end_backward(
     positions = height * width
     masked = out if relu else grad
     written = g if write_g else grad
-    sum_g, sum_gxh = (torch.empty_like(pair_mean) for _ in range(2))
+    sum_g, sum_gxh = (torch.empty_like(pair_deviation) for _ in range(2))
     tile = _map_tile(x)
     kernels.grad_moments_kernel[_map_grid(x, tile)](
         grad, masked, x, written, mean, var, sum_g, sum_gxh, channels, positions, eps,
@@ -282,13 +282,13 @@ def _block_end_backward(
     programs = -(-channels // pair_tile["BLOCK_C"])
     k = taps.shape[-1]
     block_k = _power_of_two_at_least(k)
-    grad_mean = torch.empty_like(pair_mean)
+    grad_mean = torch.empty_like(pair_deviation)
     # Kept in float32 for the input gradient, which reads them.
     grad_weight = dweight if dweight.dtype == torch.float32 else torch.empty_like(mean)
     grad_bias = dbias if dbias.dtype == torch.float32 else torch.empty_like(mean)
-    tap_shares = pair_mean.new_empty((programs, block_k))
+    tap_shares = pair_deviation.new_empty((programs, block_k))
     kernels.grad_channel_kernel[(programs,)](
-        sum_g, sum_gxh, gate, pair_mean, mean, var, weight, bias, taps, grad_mean, grad_weight, grad_bias, tap_shares,
+        sum_g, sum_gxh, gate, pair_deviation, var, weight, bias, taps, grad_mean, grad_weight, grad_bias, tap_shares,
         batch, channels, eps, K=k, BLOCK_K=block_k, **pair_tile,
     )
     # With the ReLU's gradient written, read it back instead of the incoming gradient and the output.
@@ -306,7 +306,7 @@ def _block_end_backward(
 
 
 @_block_end_backward.register_fake
-def _block_end_backward_fake(grad, x, out, weight, bias, taps, mean, var, pair_mean, gate, eps, batch_stats, relu,
+def _block_end_backward_fake(grad, x, out, weight, bias, taps, mean, var, pair_deviation, gate, eps, batch_stats, relu,
                              write_g):
     dx, dweight, dbias, g = _backward_outputs(grad, x, out, weight, bias, write_g and relu)
     return dx, dweight, dbias, torch.empty_like(taps, memory_format=torch.contiguous_format), g
@@ -314,19 +314,19 @@ def _block_end_backward_fake(grad, x, out, weight, bias, taps, mean, var, pair_m
 
 def _setup_context(ctx, inputs, output) -> None:
     x, shortcut, weight, bias, taps, running_mean, _, eps, relu = inputs
-    out, mean, var, pair_mean, gate = output
-    ctx.mark_non_differentiable(mean, var, pair_mean, gate)
+    out, mean, var, pair_deviation, gate = output
+    ctx.mark_non_differentiable(mean, var, pair_deviation, gate)
     # The ReLU's mask comes from the output, which the next convolution keeps anyway.
-    ctx.save_for_backward(x, out if relu else None, weight, bias, taps, mean, var, pair_mean, gate)
+    ctx.save_for_backward(x, out if relu else None, weight, bias, taps, mean, var, pair_deviation, gate)
     ctx.eps, ctx.relu, ctx.batch_stats = eps, relu, running_mean is None
     ctx.has_shortcut = shortcut is not None
 
 
 def _backward(ctx, grad: Tensor, *_unused: Tensor) -> Tuple[Optional[Tensor], ...]:
-    x, out, weight, bias, taps, mean, var, pair_mean, gate = ctx.saved_tensors
+    x, out, weight, bias, taps, mean, var, pair_deviation, gate = ctx.saved_tensors
     needs_shortcut = ctx.has_shortcut and ctx.needs_input_grad[1]
     dx, dweight, dbias, dtaps, g = torch.ops.eca.block_end_backward(
-        grad, x, out, weight, bias, taps, mean, var, pair_mean, gate, ctx.eps, ctx.batch_stats, ctx.relu, needs_shortcut
+        grad, x, out, weight, bias, taps, mean, var, pair_deviation, gate, ctx.eps, ctx.batch_stats, ctx.relu, needs_shortcut
     )
     grad_shortcut = (g if ctx.relu else grad) if needs_shortcut else None
     return dx, grad_shortcut, dweight, dbias, dtaps, None, None, None, None

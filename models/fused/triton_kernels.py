@@ -7,7 +7,7 @@ a block of channels and walks the whole map, so whatever it needs per (sample,
 channel) pair it computes once. Per-pair buffers ``[B, C]`` and per-channel
 ones ``[C]`` are contiguous float32, and every sum is taken in float32.
 
-Forward: :func:`pair_moments_kernel` (one read of ``x``), :func:`channel_affine_kernel`
+Forward: :func:`pair_moments_kernel` (one read of ``x``), :func:`channel_statistics_kernel`
 (on ``[B, C]``), :func:`gate_apply_kernel` (one read of ``x`` and the shortcut, one write).
 Backward: :func:`grad_moments_kernel` (one read), :func:`grad_channel_kernel`
 (on ``[B, C]``), :func:`grad_input_kernel` (one read, one write).
@@ -45,19 +45,11 @@ def _statistics(channels, mask, mean_ptr, var_ptr, eps):
 
 
 @triton.jit
-def _affine(channels, mask, mean, invstd, weight_ptr, bias_ptr):
-    """BatchNorm per channel as ``y = scale * x + shift``: returns scale, shift (0 where masked)."""
+def _affine(channels, mask, var_ptr, weight_ptr, bias_ptr, eps):
+    """BatchNorm per channel as ``y = scale * (x - mean) + bias``: returns invstd, scale, bias (0 where masked)."""
+    invstd = tl.rsqrt(tl.load(var_ptr + channels, mask=mask, other=1.0).to(tl.float32) + eps)
     scale = tl.load(weight_ptr + channels, mask=mask, other=0.0).to(tl.float32) * invstd
-    shift = tl.load(bias_ptr + channels, mask=mask, other=0.0).to(tl.float32) - mean * scale
-    return scale, shift
-
-
-@triton.jit
-def _channel_affine(channels, mask, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps):
-    """:func:`_statistics` and :func:`_affine` together: returns mean, invstd, scale, shift."""
-    mean, invstd = _statistics(channels, mask, mean_ptr, var_ptr, eps)
-    scale, shift = _affine(channels, mask, mean, invstd, weight_ptr, bias_ptr)
-    return mean, invstd, scale, shift
+    return invstd, scale, tl.load(bias_ptr + channels, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -72,13 +64,17 @@ def pair_moments_kernel(
     x_ptr, pair_mean_ptr, pair_m2_ptr, C, HW, stride_b, stride_c, stride_hw,
     WITH_M2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Per (sample, channel): the mean of ``x`` over the map and, ``WITH_M2``, the sum of squared deviations from it.
+    """Per (sample, channel): the mean over the map of ``x - pivot`` and, ``WITH_M2``, its sum of squared deviations.
 
-    Each tile's own mean and deviations are merged into the running ones
-    (Chan et al.'s pairwise update), so no sum of squares of raw values is
-    ever formed and a mean far from zero costs no precision.
+    The pivot is the channel's first value (sample 0, position 0), a value of
+    the channel's own distribution: means of ``x - pivot`` are of the order of
+    its spread, so the means' deviations from the batch mean, which ECA needs,
+    keep float32's digits even where the mean is far from zero. Each tile's own
+    mean and deviations are merged into the running ones (Chan et al.'s
+    pairwise update): no sum of squares of raw values is ever formed.
     """
     sample, channels, channel_mask = _pair_block(C, BLOCK_C)
+    pivot = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=channel_mask, other=0.0).to(tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     seen = tl.zeros([BLOCK_C], tl.float32)
@@ -88,6 +84,7 @@ def pair_moments_kernel(
         mask = channel_mask[:, None] & in_map[None, :]
         offsets = _map_offsets(sample, channels, positions, stride_b, stride_c, stride_hw)
         values = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        values = tl.where(mask, values - pivot[:, None], 0.0)
         count = tl.sum(in_map.to(tl.float32), axis=0)
         tile_mean = tl.sum(values, axis=1) / count
         total = seen + count
@@ -104,72 +101,80 @@ def pair_moments_kernel(
 
 
 @triton.jit
-def channel_affine_kernel(
-    pair_mean_ptr, pair_m2_ptr, running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr,
-    mean_ptr, var_ptr, scale_ptr, shift_ptr, B, C, HW, eps,
+def channel_statistics_kernel(
+    x_ptr, pair_ptr, pair_m2_ptr, running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, B, C, HW, stride_c,
     BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """BatchNorm's statistics (written to ``mean_ptr`` / ``var_ptr``) and its per-channel scale and shift.
+    """BatchNorm's mean and variance (written to ``mean_ptr`` / ``var_ptr``), and each pair mean's deviation from the mean.
 
-    With ``BATCH_STATS`` the batch mean and biased variance are merged from the
-    pair moments; otherwise the running statistics are read.
+    ``pair_ptr`` holds the pair means of ``x - pivot`` (:func:`pair_moments_kernel`)
+    and is overwritten with ``mean(x) - mean`` per pair. With ``BATCH_STATS``
+    the batch mean and biased variance are merged from the pair moments;
+    otherwise they are the running statistics.
     """
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
+    pivot = tl.load(x_ptr + channels.to(tl.int64) * stride_c, mask=channel_mask, other=0.0).to(tl.float32)
     if BATCH_STATS:
         total = tl.zeros([BLOCK_C], tl.float32)
         for start in range(0, B, BLOCK_B):
             pairs, mask = _batch_tile(start, B, channels, channel_mask, C, BLOCK_B)
-            total += tl.sum(tl.load(pair_mean_ptr + pairs, mask=mask, other=0.0), axis=0)
-        mean = total / B
+            total += tl.sum(tl.load(pair_ptr + pairs, mask=mask, other=0.0), axis=0)
+        shifted_mean = total / B
         m2 = tl.zeros([BLOCK_C], tl.float32)
         for start in range(0, B, BLOCK_B):
             pairs, mask = _batch_tile(start, B, channels, channel_mask, C, BLOCK_B)
-            deviations = tl.where(mask, tl.load(pair_mean_ptr + pairs, mask=mask, other=0.0) - mean[None, :], 0.0)
-            pair_m2 = tl.load(pair_m2_ptr + pairs, mask=mask, other=0.0)
-            m2 += tl.sum(pair_m2 + HW * deviations * deviations, axis=0)
+            deviations = tl.where(mask, tl.load(pair_ptr + pairs, mask=mask, other=0.0) - shifted_mean[None, :], 0.0)
+            m2 += tl.sum(tl.load(pair_m2_ptr + pairs, mask=mask, other=0.0) + HW * deviations * deviations, axis=0)
+            tl.store(pair_ptr + pairs, deviations, mask=mask)
+        mean = pivot + shifted_mean
         var = m2 / (B * HW)
     else:
         mean = tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
         var = tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0).to(tl.float32)
+        offset = pivot - mean
+        for start in range(0, B, BLOCK_B):
+            pairs, mask = _batch_tile(start, B, channels, channel_mask, C, BLOCK_B)
+            shifted = tl.load(pair_ptr + pairs, mask=mask, other=0.0)
+            tl.store(pair_ptr + pairs, shifted + offset[None, :], mask=mask)
     tl.store(mean_ptr + channels, mean, mask=channel_mask)
     tl.store(var_ptr + channels, var, mask=channel_mask)
-    scale, shift = _affine(channels, channel_mask, mean, tl.rsqrt(var + eps), weight_ptr, bias_ptr)
-    tl.store(scale_ptr + channels, scale, mask=channel_mask)
-    tl.store(shift_ptr + channels, shift, mask=channel_mask)
 
 
 @triton.jit
 def gate_apply_kernel(
-    x_ptr, shortcut_ptr, out_ptr, pair_mean_ptr, scale_ptr, shift_ptr, taps_ptr, gate_ptr, C, HW,
+    x_ptr, shortcut_ptr, out_ptr, pair_deviation_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, taps_ptr, gate_ptr,
+    C, HW, eps,
     x_stride_b, x_stride_c, x_stride_hw, s_stride_b, s_stride_c, s_stride_hw, o_stride_b, o_stride_c, o_stride_hw,
     K: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """ECA's gate from the channel means of ``y = scale * x + shift``, then ``act(y * gate (+ shortcut))`` over the map.
+    """ECA's gate from the channel means of ``y = norm(x)``, then ``act(y * gate (+ shortcut))`` over the map.
 
-    The mean of ``y`` over a map is ``scale * mean(x) + shift``, so the gate
-    needs no pass over ``y``: the k-tap correlation reads the neighbours' pair
-    means (zero beyond either end), and ``y * gate`` is one multiply-add on ``x``.
+    The mean of ``y`` over a map is ``scale * (mean(x) - mean) + bias``, so the
+    gate needs no pass over ``y``: the k-tap correlation reads the neighbours'
+    pair deviations (zero beyond either end), and ``y * gate`` is one
+    multiply-add on ``x - mean``.
     """
     sample, channels, channel_mask = _pair_block(C, BLOCK_C)
     logits = tl.zeros([BLOCK_C], tl.float32)
     for tap in tl.static_range(K):
         neighbours = channels + (tap - (K - 1) // 2)
         valid = (neighbours >= 0) & (neighbours < C)
-        pair_mean = tl.load(pair_mean_ptr + sample * C + neighbours, mask=valid, other=0.0)
-        scale = tl.load(scale_ptr + neighbours, mask=valid, other=0.0)
-        shift = tl.load(shift_ptr + neighbours, mask=valid, other=0.0)
-        logits += tl.load(taps_ptr + tap).to(tl.float32) * (scale * pair_mean + shift)
+        _, scale, bias = _affine(neighbours, valid, var_ptr, weight_ptr, bias_ptr, eps)
+        deviation = tl.load(pair_deviation_ptr + sample * C + neighbours, mask=valid, other=0.0)
+        logits += tl.load(taps_ptr + tap).to(tl.float32) * (scale * deviation + bias)
     gate = tl.sigmoid(logits)
     tl.store(gate_ptr + sample * C + channels, gate, mask=channel_mask)
-    gain = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0) * gate
-    offset = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0) * gate
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
+    _, scale, bias = _affine(channels, channel_mask, var_ptr, weight_ptr, bias_ptr, eps)
+    gain = scale * gate
+    offset = bias * gate
     for start in range(0, HW, BLOCK_HW):
         positions = start + tl.arange(0, BLOCK_HW)
         mask = channel_mask[:, None] & (positions < HW)[None, :]
         x_offsets = _map_offsets(sample, channels, positions, x_stride_b, x_stride_c, x_stride_hw)
         values = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-        result = values * gain[:, None] + offset[:, None]
+        result = (values - mean[:, None]) * gain[:, None] + offset[:, None]
         if HAS_SHORTCUT:
             s_offsets = _map_offsets(sample, channels, positions, s_stride_b, s_stride_c, s_stride_hw)
             result += tl.load(shortcut_ptr + s_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -242,7 +247,7 @@ def _logit_grad(sum_g_ptr, sum_gxh_ptr, gate_ptr, weight_ptr, bias_ptr, samples,
 
 @triton.jit
 def grad_channel_kernel(
-    sum_g_ptr, sum_gxh_ptr, gate_ptr, pair_mean_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, taps_ptr,
+    sum_g_ptr, sum_gxh_ptr, gate_ptr, pair_deviation_ptr, var_ptr, weight_ptr, bias_ptr, taps_ptr,
     grad_mean_ptr, grad_weight_ptr, grad_bias_ptr, grad_taps_ptr, B, C, eps,
     K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -258,7 +263,7 @@ def grad_channel_kernel(
     pid = tl.program_id(0)
     channels = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
-    mean, invstd = _statistics(channels, channel_mask, mean_ptr, var_ptr, eps)
+    invstd, _, _ = _affine(channels, channel_mask, var_ptr, weight_ptr, bias_ptr, eps)
     tap_index = tl.arange(0, BLOCK_K)
     grad_bias = tl.zeros([BLOCK_C], tl.float32)
     grad_weight = tl.zeros([BLOCK_C], tl.float32)
@@ -281,15 +286,16 @@ def grad_channel_kernel(
             neighbours = channels + shift
             valid = (neighbours >= 0) & (neighbours < C)
             neighbour_mask = sample_mask[:, None] & valid[None, :]
-            _, _, scale, offset = _channel_affine(neighbours, valid, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps)
-            pair_mean = tl.load(pair_mean_ptr + samples[:, None] * C + neighbours[None, :], mask=neighbour_mask, other=0.0)
-            eca_mean = tl.where(neighbour_mask, scale[None, :] * pair_mean + offset[None, :], 0.0)
+            _, scale, bias = _affine(neighbours, valid, var_ptr, weight_ptr, bias_ptr, eps)
+            deviation = tl.load(pair_deviation_ptr + samples[:, None] * C + neighbours[None, :], mask=neighbour_mask,
+                                other=0.0)
+            eca_mean = tl.where(neighbour_mask, scale[None, :] * deviation + bias[None, :], 0.0)
             share = tl.sum(tl.sum(own_logit_grad * eca_mean, axis=1), axis=0)
             grad_taps += tl.where(tap_index == tap, share, 0.0)
         pairs = samples[:, None] * C + channels[None, :]
         tl.store(grad_mean_ptr + pairs, grad_mean, mask=mask)
         gate = tl.load(gate_ptr + pairs, mask=mask, other=0.0)
-        mean_x_hat = (tl.load(pair_mean_ptr + pairs, mask=mask, other=0.0) - mean[None, :]) * invstd[None, :]
+        mean_x_hat = tl.load(pair_deviation_ptr + pairs, mask=mask, other=0.0) * invstd[None, :]
         grad_mean = tl.where(mask, grad_mean, 0.0)
         grad_bias += tl.sum(gate * tl.load(sum_g_ptr + pairs, mask=mask, other=0.0) + grad_mean, axis=0)
         grad_weight += tl.sum(gate * tl.load(sum_gxh_ptr + pairs, mask=mask, other=0.0) + grad_mean * mean_x_hat, axis=0)
