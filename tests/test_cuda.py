@@ -21,7 +21,8 @@ from models import ARCHITECTURES, fuse_eca
 from models.fused.dispatch import reference_block_end
 from original_formulation import original_forward
 from test_fuse_eca import BLOCKS, assert_matches, make_model, randomise, relative_error, run
-from test_triton import BLOCK_END_CASES, block_end_matches_plain, compiled_training_matches_eager, randomised_modules
+from test_triton import BLOCK_END_CASES, block_end_matches_plain, compiled_training_matches_eager
+from test_triton import network_is_as_accurate_as_the_plain_one, randomised_modules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,7 +55,7 @@ def test_fused_models_on_cuda_match_the_reference(arch, layout, mode, impl):
     assert_matches(run(fused, mode, x), run(plain, mode, x), tolerance=1e-9)
 
 
-@pytest.mark.parametrize("impl", ["auto", "cpu"])
+@pytest.mark.parametrize("impl", ["auto", "cpu", "triton"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("block_name", list(BLOCKS))
 def test_fused_block_ends_on_cuda_in_float32(block_name, layout, impl):
@@ -204,3 +205,27 @@ def test_triton_block_end_under_autocast_is_as_accurate_as_the_plain_modules(dty
 
 def test_triton_block_end_compiles_whole_with_inductor():
     compiled_training_matches_eager(device="cuda", backend="inductor", shape=(8, 64, 14, 14))
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("arch", ["eca_resnet18", "eca_resnet50", "eca_mobilenet_v2"])
+def test_triton_networks_train_as_accurately_as_the_plain_ones_on_cuda(arch, layout, mode):
+    """Whole networks at 96 px, batch 8: BatchNorm sees enough values that gradients stay well conditioned."""
+    network_is_as_accurate_as_the_plain_one(arch, layout, mode, backward=True, size=96, device="cuda", batch=8)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_triton_network_under_bf16_autocast_is_as_close_as_the_reference(layout):
+    exact = make_model("eca_resnet50", layout=layout).cuda()
+    plain = make_model("eca_resnet50", dtype=torch.float32, layout=layout).cuda()
+    fused = fuse_eca(make_model("eca_resnet50", dtype=torch.float32, layout=layout).cuda(), "triton")
+    x = cuda_tensor((4, 3, 64, 64), layout, torch.float64, 10)
+    for mode in ("train", "eval"):
+        with torch.no_grad():
+            expected = exact.train(mode == "train")(x)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                got = fused.train(mode == "train")(x.float())
+                reference = plain.train(mode == "train")(x.float())
+        assert got.dtype == reference.dtype
+        assert relative_error(got, expected) <= 2 * relative_error(reference, expected) + 1e-3, mode

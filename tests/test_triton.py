@@ -281,7 +281,7 @@ def network_step(model: nn.Module, x: torch.Tensor, mode: str, backward: bool):
         out = model(x)
         if backward:
             projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
-            (out * projection.to(out.dtype)).sum().backward()
+            (out * projection.to(out.device, out.dtype)).sum().backward()
     tensors = {"output": out.detach()}
     if backward:
         tensors.update({f"gradient of {n}": p.grad for n, p in model.named_parameters()})
@@ -302,7 +302,7 @@ ECA_BLOCKS = {"eca_resnet18": 8, "eca_mobilenet_v2": 17}
 
 
 def network_is_as_accurate_as_the_plain_one(arch: str, layout: str, mode: str, backward: bool, size: int,
-                                            seed: int = 0) -> None:
+                                            seed: int = 0, device: str = "cpu", batch: int = 2) -> None:
     """A step of a whole small network fused with ``impl="triton"``, held to the plain network in float64.
 
     Every output, gradient and buffer may be off by twice the plain float32
@@ -322,11 +322,11 @@ def network_is_as_accurate_as_the_plain_one(arch: str, layout: str, mode: str, b
     exact = models.ARCHITECTURES[arch](num_classes=10)
     if hasattr(exact, "classifier"):
         exact.classifier[0].p = 0.0  # dropout would draw different masks
-    exact = exact.to(torch.float64, memory_format=MEMORY_FORMATS[layout])
+    exact = exact.to(device, torch.float64, memory_format=MEMORY_FORMATS[layout])
     plain = copy.deepcopy(exact).float()
     fused = fuse_eca(copy.deepcopy(plain), impl="triton")
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    x = x.contiguous(memory_format=MEMORY_FORMATS[layout])
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    x = x.to(device).contiguous(memory_format=MEMORY_FORMATS[layout])
     expected, _ = network_step(exact, x, mode, backward)
     reference, _ = network_step(plain, x.float(), mode, backward)
     got, calls = network_step(fused, x.float(), mode, backward)
