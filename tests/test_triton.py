@@ -72,6 +72,7 @@ BLOCK_END_CASES: Dict[str, dict] = {
                                    norm_options=dict(momentum=0.3), **MOBILENET_RESIDUAL),
     "no-affine-no-running-stats-train": dict(shape=(2, 8, 3, 3), k=3, layout="nchw", train=True,
                                              norm_options=dict(affine=False, track_running_stats=False), **RESNET),
+    "one-sample-eval": dict(shape=(1, 8, 3, 5), k=3, layout="nchw", train=False, **RESNET),
     "no-running-stats-eval-uses-the-batch": dict(shape=(2, 8, 3, 3), k=3, layout="channels_last", train=False,
                                                  norm_options=dict(track_running_stats=False), **MOBILENET),
 }
