@@ -210,11 +210,11 @@ def ops_pass_opcheck() -> None:
     training = (x, shortcut, weight, bias, taps, None, None, 1e-5, True)
     for args in (training, (x, None, weight, bias, taps, *running, 1e-5, False)):
         torch.library.opcheck(torch.ops.eca.block_end.default, args)
-    out, mean, var, pair_mean, gate = torch.ops.eca.block_end(*training)
+    out, mean, var, pair_deviation, gate = torch.ops.eca.block_end(*training)
     detached = [t.detach() for t in (x, out, weight, bias, taps)]
     grad = torch.randn(2, 8, 3, 5, generator=generator)
     torch.library.opcheck(torch.ops.eca.block_end_backward.default,
-                          (grad, *detached, mean, var, pair_mean, gate, 1e-5, True, True, True))
+                          (grad, *detached, mean, var, pair_deviation, gate, 1e-5, True, True, True))
     torch.library.opcheck(torch.ops.eca.update_running_stats.default,
                           (*running, torch.tensor(1), mean, var, None, x.numel() // 8))
 

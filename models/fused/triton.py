@@ -7,9 +7,9 @@ add and ReLU. Here:
 * forward: one read of ``x`` for per-(sample, channel) means and squared
   deviations, which give BatchNorm its batch statistics and ECA its channel
   means at once (the mean of ``norm(x)`` over a map is affine in the mean of
-  ``x``); a tiny kernel on ``[C]`` for BatchNorm's scale and shift; one pass
-  that computes the gate from ``[B, C]`` means and writes
-  ``act(norm(x) * gate + shortcut)``;
+  ``x``); a tiny kernel on ``[B, C]`` for BatchNorm's mean and variance and
+  each map mean's deviation from that mean; one pass that computes the gate
+  from those deviations and writes ``act(norm(x) * gate + shortcut)``;
 * backward: one read for ``sum(g)`` and ``sum(g * x_hat)`` per pair, ``g``
   the gradient through the ReLU (written as the shortcut's gradient where it
   is needed); a tiny kernel on ``[B, C]`` for every parameter gradient; one
