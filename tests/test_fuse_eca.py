@@ -66,7 +66,9 @@ def run(module: nn.Module, mode: str, *inputs: torch.Tensor):
     with torch.set_grad_enabled(mode != "inference"):
         out = module(*leaves)
         if mode != "inference":
-            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=out.dtype).to(out.device)
+            # Drawn in float64 and cast, so that float32 and float64 runs project the output alike.
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+            weights = weights.to(out.device, out.dtype)
             (out * weights).sum().backward()
     grads = {name: p.grad for name, p in module.named_parameters()}
     grads.update({f"input{i}": leaf.grad for i, leaf in enumerate(leaves)})
@@ -136,21 +138,28 @@ def test_cpu_impl_matches_the_reference_model_in_float64(arch, layout, mode):
     assert_matches(run(fused, mode, x), run(plain, mode, x), tolerance=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["train", "inference"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("arch", WHOLE_MODEL_ARCHS)
-def test_auto_impl_is_as_accurate_as_the_reference_in_float32(arch, layout):
-    """A whole float32 network rounds far above 1e-5; the fused one must not round worse than the plain one."""
+def test_auto_impl_forward_is_as_accurate_as_the_reference_in_float32(arch, layout, mode):
+    """Whole float32 networks: the fused forward rounds no worse than the plain one.
+
+    Their gradients are compared block by block below: through a whole random network a
+    float32 rounding of 1e-6 in one block's input can move an earlier block's input
+    gradient by 1e-2, for the plain float64 model as much as for any implementation.
+    """
     exact = make_model(arch, layout=layout)
     plain = copy.deepcopy(exact).float()
     fused = fuse_eca(copy.deepcopy(plain), "auto")
     x = make_input((2, 3, 48, 48), layout, seed=12)
-    exact_out, exact_grads, _ = run(exact, "train", x)
-    fused_out, fused_grads, _ = run(fused, "train", x.float())
-    plain_out, plain_grads, _ = run(plain, "train", x.float())
+    exact_out, _, exact_buffers = run(exact, mode, x)
+    fused_out, _, fused_buffers = run(fused, mode, x.float())
+    plain_out, _, plain_buffers = run(plain, mode, x.float())
     assert relative_error(fused_out, exact_out) <= 2 * relative_error(plain_out, exact_out) + 1e-6
-    for name, grad in exact_grads.items():
-        plain_error = relative_error(plain_grads[name], grad)
-        assert relative_error(fused_grads[name], grad) <= 2 * plain_error + 1e-5, name
+    for name, buffer in exact_buffers.items():
+        if buffer.is_floating_point():
+            limit = 2 * relative_error(plain_buffers[name], buffer) + 1e-6
+            assert relative_error(fused_buffers[name], buffer) <= limit, name
 
 
 # ---------------------------------------------------------------- block ends in float32
