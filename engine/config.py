@@ -7,7 +7,7 @@ recipe (ResNet or MobileNetV2), a ``--config`` YAML file, the command line.
 import argparse
 import os
 import sys
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import yaml
 
@@ -15,7 +15,10 @@ import models
 from models.eca_mobilenetv2 import NUM_BLOCKS as MOBILENET_BLOCKS
 from models.kernel_sizes import parse_kernel_sizes
 
-from .data import DEFAULT_CROP_SIZE, evaluation_sizes, saved_size
+from models.fused import IMPLS as ECA_IMPLS
+
+from .checkpoint import Checkpoint, identify_architecture
+from .data.transforms import DEFAULT_CROP_SIZE, evaluation_sizes, saved_size
 from .errors import UsageError
 
 # The two recipes of the paper (SPEC: Recipes). The scripts differ only in these.
@@ -40,10 +43,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds each option's default to its help, unless the help already says it or there is none."""
+    """Adds each option's default to its help, unless the help says it already, there is none, or it is a switch.
+
+    A switch's default is its absence: ``--no-tensorboard`` must not say "(default: True)".
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -79,8 +85,8 @@ def build_parser(recipe: str) -> ArgumentParser:
     original.add_argument("--start-epoch", type=int, default=None, help="epoch to start at (default: 0, or the resumed one)")
     original.add_argument("-b", "--batch-size", type=int, help="batch of one machine, split over its processes")
     original.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="initial learning rate")
-    original.add_argument("--momentum", type=float)
-    original.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float)
+    original.add_argument("--momentum", type=float, help="SGD momentum")
+    original.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, help="SGD weight decay (L2)")
     original.add_argument("-p", "--print-freq", type=int, default=10, help="print every N batches")
     original.add_argument("--resume", default="", metavar="PATH", help="checkpoint to resume (or, with -e, to evaluate)")
     original.add_argument("-e", "--evaluate", action="store_true", help="evaluate on val/ and exit")
@@ -100,6 +106,9 @@ def build_parser(recipe: str) -> ArgumentParser:
     run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--eca-impl", choices=ECA_IMPLS, default="auto",
+                     help="ECA block implementation: auto picks per device, dtype and mode; reference is the "
+                          "plain paper layer; cpu and triton force a fast path")
     run.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes")
     run.add_argument("--dist-timeout", type=float, default=30.0, help="minutes before a stuck collective fails the job")
     run.add_argument("--strict-data", action="store_true", help="stop on an unreadable image instead of skipping it")
@@ -107,12 +116,12 @@ def build_parser(recipe: str) -> ArgumentParser:
     run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="write no TensorBoard events")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr-scheduler", choices=("step", "cosine", "exponential"))
+    optim.add_argument("--lr-scheduler", choices=("step", "cosine", "exponential"), help="learning-rate schedule")
     optim.add_argument("--lr-step-size", type=int, help="epochs between lr drops (step)")
     optim.add_argument("--lr-gamma", type=float, help="lr factor per drop (step) or per epoch (exponential)")
     optim.add_argument("--lr-min", type=float, default=0.0, help="final lr of the cosine schedule")
     optim.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up from lr/100, per iteration")
-    optim.add_argument("--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing, in [0, 1)")
     optim.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this value")
     optim.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights")
     optim.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per step")
@@ -125,9 +134,11 @@ def build_parser(recipe: str) -> ArgumentParser:
                          help="default: the --resume checkpoint's, else 256 (256/224 of --val-crop-size)")
     augment.add_argument("--val-crop-size", type=int, default=None,
                          help="default: the --resume checkpoint's, else 224")
-    augment.add_argument("--auto-augment", choices=("imagenet", "ta_wide", "randaugment"), default=None)
-    augment.add_argument("--mixup-alpha", type=float, default=0.0)
-    augment.add_argument("--cutmix-alpha", type=float, default=0.0)
+    augment.add_argument("--auto-augment", choices=("imagenet", "ta_wide", "randaugment"), default=None,
+                         help="augmentation policy after crop and flip: AutoAugment's ImageNet policy, "
+                              "TrivialAugmentWide or RandAugment (default: none)")
+    augment.add_argument("--mixup-alpha", type=float, default=0.0, help="MixUp's Beta(alpha, alpha); 0 turns it off")
+    augment.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix's Beta(alpha, alpha); 0 turns it off")
 
     transfer = parser.add_argument_group("transfer and fine-tuning")
     transfer.add_argument("--init-from", default="", metavar="PATH", help="start a new run from the matching tensors "
@@ -232,23 +243,45 @@ def validate(args: argparse.Namespace) -> None:
 IMAGE_SIZES = ("train_crop_size", "val_resize_size", "val_crop_size")
 
 
-def resolve_image_sizes(args: argparse.Namespace, checkpoint_contents: Mapping[str, Any]) -> None:
-    """Fill the sizes not given: a resumed or evaluated checkpoint's run's, else ImageNet's (224, 256, 224).
+class Config(argparse.Namespace):
+    """A run's resolved arguments, read-only: every stage of the run sees what the set-up decided, and no more."""
 
-    ``-e --resume`` thus evaluates a model at the sizes it was validated at
-    during training, and a resumed run goes on with the sizes it started with.
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the run's configuration is frozen once resolved: {name} cannot change")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the run's configuration is frozen once resolved: {name} cannot go")
+
+
+def resolve_config(args: argparse.Namespace, ckpt: Optional[Checkpoint], dist_url: Optional[str] = None) -> Config:
+    """Fill in what the flags left open, from the ``--resume`` file where it says, and freeze the result.
+
+    The architecture and image sizes a checkpoint's run used are its defaults,
+    so ``-e --resume`` evaluates a model as it was validated during training and
+    a resumed run goes on as it started. ``dist_url`` is where spawned processes meet.
     """
-    args.val_resize_size, args.val_crop_size = evaluation_sizes(
-        args.val_resize_size, args.val_crop_size, checkpoint_contents, flags=("--val-resize-size", "--val-crop-size")
+    contents = ckpt.contents if ckpt is not None else {}
+    resolved = dict(vars(args))
+    if resolved["arch"] is None:
+        resolved["arch"] = identify_architecture(ckpt.state_dict) if ckpt is not None else None
+        if resolved["arch"] is None:
+            raise UsageError(f"{ckpt.path!r} holds no known ECA architecture's weights")
+    resolved["val_resize_size"], resolved["val_crop_size"] = evaluation_sizes(
+        args.val_resize_size, args.val_crop_size, contents, flags=("--val-resize-size", "--val-crop-size")
     )
-    if args.train_crop_size is None:
-        args.train_crop_size = saved_size(checkpoint_contents, "train_crop_size") or DEFAULT_CROP_SIZE
+    if resolved["train_crop_size"] is None:
+        resolved["train_crop_size"] = saved_size(contents, "train_crop_size") or DEFAULT_CROP_SIZE
+    resolved["output_dir"] = args.output_dir or default_output_dir(resolved["arch"], args.action)
+    if dist_url is not None:
+        resolved["dist_url"] = dist_url
+    config = Config.__new__(Config)
+    config.__dict__.update(resolved)
+    return config
 
 
-def default_output_dir(args: argparse.Namespace) -> str:
+def default_output_dir(arch: str, action: str) -> str:
     """The original's ``runs/<arch>_<action>`` (just ``runs/<arch>`` without an action tag)."""
-    name = f"{args.arch}_{args.action}" if args.action else args.arch
-    return os.path.join("runs", name)
+    return os.path.join("runs", f"{arch}_{action}" if action else arch)
 
 
 def serialisable_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -273,4 +306,5 @@ def kernel_count(arch: str) -> int:
     return MOBILENET_BLOCKS if arch == "eca_mobilenet_v2" else 4
 
 
-__all__ = ["RECIPES", "ARCH_NAMES", "build_parser", "parse_args", "resolve_image_sizes", "default_output_dir", "serialisable_args"]
+__all__ = ["RECIPES", "ARCH_NAMES", "Config", "build_parser", "parse_args", "resolve_config", "default_output_dir",
+           "serialisable_args"]

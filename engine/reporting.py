@@ -104,16 +104,28 @@ def summary_line(prec1: float, prec5: float) -> str:
 
 
 class MetricsWriter:
-    """TensorBoard events and ``metrics.csv`` (one row per epoch) in the output folder."""
+    """TensorBoard events and ``metrics.csv`` (one row per epoch) in the output folder; nothing when disabled.
 
-    def __init__(self, output_dir: str, tensorboard: bool, first_epoch: int):
+    Disabled on every process but the primary, so that the loop need not ask which process it runs in.
+    """
+
+    def __init__(self, output_dir: str, *, tensorboard: bool, first_epoch: int, enabled: bool = True):
+        self.enabled = enabled
         self.csv_path = os.path.join(output_dir, "metrics.csv")
-        self._drop_rows_from(first_epoch)
         self.writer = None
+        if not enabled:
+            return
+        self._drop_rows_from(first_epoch)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=output_dir, purge_step=None)
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _drop_rows_from(self, epoch: int) -> None:
         # A resumed run repeats the epochs after its checkpoint; their old rows would be duplicates.
@@ -137,6 +149,8 @@ class MetricsWriter:
                 self.writer.add_scalar(name, value, step)
 
     def add_epoch(self, row: Dict[str, object]) -> None:
+        if not self.enabled:
+            return
         exists = os.path.exists(self.csv_path)
         with open(self.csv_path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
@@ -149,3 +163,27 @@ class MetricsWriter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def report_epoch(metrics: MetricsWriter, epoch: int, *, lr: float, train, val, ema) -> None:
+    """One epoch's results: a row of metrics.csv, TensorBoard scalars and the console summary.
+
+    ``train`` is None for an epoch resumed after its last batch; ``ema`` is None without ``--model-ema``.
+    """
+    unreadable = len(val.unreadable) + (len(train.unreadable) if train is not None else 0)
+    row = {"epoch": epoch, "lr": lr, "val_loss": val.loss, "val_prec1": val.prec1, "val_prec5": val.prec5,
+           "unreadable_images": unreadable}
+    scalars = {"val/loss": val.loss, "val/prec1": val.prec1, "val/prec5": val.prec5}
+    summary = f"Epoch {epoch} done: lr {lr:.4g}, val Prec@1 {val.prec1:.3f}"
+    if train is not None:
+        row.update(train_loss=train.loss, train_prec1=train.prec1, train_prec5=train.prec5,
+                   images_per_sec=round(train.images_per_sec, 2), epoch_seconds=round(train.seconds, 2))
+        scalars.update({"train/loss": train.loss, "train/prec1": train.prec1, "train/prec5": train.prec5,
+                        "train/lr": lr, "train/images_per_sec": train.images_per_sec})
+        summary += f", train loss {train.loss:.4f}, {train.images_per_sec:.1f} images/s"
+    if ema is not None:
+        row.update(ema_prec1=ema.prec1, ema_prec5=ema.prec5)
+        scalars.update({"val_ema/prec1": ema.prec1, "val_ema/prec5": ema.prec5})
+    metrics.add_scalars(scalars, epoch)
+    metrics.add_epoch(row)
+    logger.info("%s, %d unreadable images skipped", summary, unreadable)

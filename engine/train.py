@@ -1,33 +1,29 @@
 """One epoch of training, with everything decided once at set-up (AMP, EMA, mixing, clipping)."""
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .data import BatchMixer, BatchPreparer, SeededSampler
-from .distributed import DistContext, any_rank
+from .data.batches import BatchMixer
+from .distributed import any_rank
 from .errors import UsageError
-from .evaluate import report_unreadable
+from .loop import LoopContext, report_unreadable
 from .metrics import topk_correct
-from .preemption import StopRequest
 from .reporting import AverageMeter, Progress, train_line
 from .schedule import LRSchedule
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainParts:
-    """The objects a training step uses, built once by the runner."""
+    """The objects a training step uses, built once at set-up."""
 
     model: nn.Module  # what the step calls: DDP-wrapped and/or compiled
     model_without_ddp: nn.Module  # what is saved and evaluated
     optimizer: torch.optim.Optimizer
-    criterion: nn.Module
     schedule: LRSchedule
-    autocast: Callable[[], ContextManager]
-    scaler: Optional[torch.amp.GradScaler]
-    prepare: BatchPreparer
+    scaler: Optional[torch.amp.GradScaler]  # fp16 only
     mixer: BatchMixer
     ema: Optional[torch.optim.swa_utils.AveragedModel] = None
     ema_steps: int = 32
@@ -75,33 +71,23 @@ def _backward_and_step(parts: TrainParts, loss: torch.Tensor) -> None:
         parts.optimizer.step()
 
 
-def train_one_epoch(
-    parts: TrainParts,
-    loader,
-    sampler: SeededSampler,
-    epoch: int,
-    start_step: int,
-    ctx: DistContext,
-    stop: StopRequest,
-    print_freq: int,
-    strict_data: bool,
-    logger,
-) -> EpochResult:
+def train_one_epoch(parts: TrainParts, loader, loop: LoopContext, *, epoch: int, start_step: int) -> EpochResult:
     """Train ``epoch`` from batch ``start_step`` on; stop early (``interrupted``) when a stop is requested."""
+    ctx = loop.ctx
     parts.model.train()
     for module in parts.frozen_norms:
         module.eval()
-    sampler.set_epoch(epoch, skip=start_step * loader.batch_size)
+    loader.sampler.set_epoch(epoch, skip=start_step * loader.batch_size)
     steps_per_epoch = parts.schedule.steps_per_epoch
     meters = {name: AverageMeter() for name in ("batch_time", "data_time", "loss", "top1", "top5")}
     unreadable: List[Tuple[str, str]] = []
-    progress = Progress(steps_per_epoch, print_freq, ctx.is_primary, f"Epoch {epoch}", start=start_step)
+    progress = Progress(steps_per_epoch, loop.print_freq, ctx.is_primary, f"Epoch {epoch}", start=start_step)
     steps_done = start_step
     interrupted = False
     started = end = time.perf_counter()
     for step, batch in enumerate(loader, start=start_step):
         meters["data_time"].update(time.perf_counter() - end)
-        report_unreadable(batch.unreadable, strict_data, logger)
+        report_unreadable(batch.unreadable, loop.strict_data)
         unreadable.extend(batch.unreadable)
         if len(batch) == 0:
             if ctx.distributed:
@@ -109,13 +95,13 @@ def train_one_epoch(
             steps_done = step + 1
             continue
         set_learning_rate(parts.optimizer, parts.schedule, epoch, step)
-        images, targets = parts.prepare(batch)
+        images, targets = loop.prepare(batch)
         soft_targets = targets
         if parts.mixer.enabled:
             images, soft_targets = parts.mixer(images, targets, seed=parts.seed * 7_919 + epoch * 1_000_003 + step)
-        with parts.autocast():
+        with loop.autocast():
             output = parts.model(images)
-            loss = parts.criterion(output, soft_targets)
+            loss = loop.criterion(output, soft_targets)
         _backward_and_step(parts, loss)
         global_step = epoch * steps_per_epoch + step + 1
         if parts.ema is not None and global_step % parts.ema_steps == 0:
@@ -130,11 +116,11 @@ def train_one_epoch(
         progress.step(step, train_line(epoch, step, steps_per_epoch, meters), {"loss": f"{meters['loss'].avg:.3f}"})
         end = time.perf_counter()
         steps_done = step + 1
-        if any_rank(stop.requested, ctx):
+        if any_rank(loop.stop.requested, ctx):
             interrupted = True
             break
     progress.close()
     return EpochResult(
-        meters["loss"].avg, meters["top1"].avg, meters["top5"].avg, meters["loss"].count,
-        time.perf_counter() - started, steps_done, unreadable, interrupted,
+        loss=meters["loss"].avg, prec1=meters["top1"].avg, prec5=meters["top5"].avg, images=meters["loss"].count,
+        seconds=time.perf_counter() - started, steps_done=steps_done, unreadable=unreadable, interrupted=interrupted,
     )

@@ -62,7 +62,7 @@ def project_loader(root: str, crop: int, batch: int, workers: int, ctx: DistCont
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     dataset = SeededImageFolder(list_samples(root, classes), TrainTransform(crop))
     sampler = SeededSampler(len(dataset), ctx, seed=0, shuffle=True)
-    return build_loader(dataset, sampler, batch, workers, ctx, drop_last=True, normalise=prepare.worker_normalise)
+    return build_loader(dataset, sampler, batch_size=batch, workers=workers, ctx=ctx, drop_last=True, prepare=prepare)
 
 
 def device_batches(pipeline: str, loader: DataLoader, prepare: BatchPreparer) -> Iterator[torch.Tensor]:
@@ -99,12 +99,12 @@ def time_pipeline(make_loader: Callable[[], DataLoader], pipeline: str, batches:
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="ImageFolder root (DATA/train is used when present)")
-    parser.add_argument("-j", "--workers", type=int, default=2)
-    parser.add_argument("-b", "--batch-size", type=int, default=32)
+    parser.add_argument("-j", "--workers", type=int, default=2, help="loader worker processes (default 2)")
+    parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="batches skipped per measurement (worker start-up)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each pipeline, alternating")
-    parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--crop-size", type=int, default=224, help="RandomResizedCrop output size (default 224)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -142,10 +142,14 @@ def run_loader(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_loader_arguments(parser)
-    return run_loader(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_loader(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -126,14 +126,14 @@ def test_a_prepared_batch_is_the_normalised_images_in_the_models_memory_format(c
     torch.testing.assert_close(prepared.double(), expected, rtol=0, atol=1e-6)
 
 
-def loader_batches(data, workers, normalise, unreadable=()):
+def loader_batches(data, workers, prepare, unreadable=()):
     split = os.path.join(data, "val")
     classes = sorted(os.listdir(split))
     samples = list_samples(split, classes) + [(path, 0) for path in unreadable]
     dataset = SeededImageFolder(samples, ValTransform(36, 32))
     ctx = DistContext()
-    loader = build_loader(dataset, SeededSampler(len(dataset), ctx, 0, shuffle=False), 5, workers, ctx, False, normalise)
-    return list(loader)
+    sampler = SeededSampler(len(dataset), ctx, 0, shuffle=False)
+    return list(build_loader(dataset, sampler, batch_size=5, workers=workers, ctx=ctx, drop_last=False, prepare=prepare))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
@@ -143,8 +143,8 @@ def test_batches_the_cpu_workers_normalise_equal_the_uint8_batches_normalised_in
     unreadable.write_bytes(b"")
     prepare = BatchPreparer(torch.device("cpu"), channels_last=channels_last)
     assert prepare.worker_normalise is not None
-    uint8 = loader_batches(tiny_data, 0, None, [str(unreadable)])
-    normalised = loader_batches(tiny_data, 2, prepare.worker_normalise, [str(unreadable)])
+    uint8 = loader_batches(tiny_data, 0, None, [str(unreadable)])  # without a preparer: batches as decoded
+    normalised = loader_batches(tiny_data, 2, prepare, [str(unreadable)])
     assert [len(b) for b in normalised] == [len(b) for b in uint8] and sum(map(len, uint8)) == 12
     assert [b.unreadable for b in normalised] == [b.unreadable for b in uint8]
     for workers_batch, plain_batch in zip(normalised, uint8):
