@@ -57,10 +57,16 @@ def run_main(script_main, capsys, *argv):
 
 
 # --- entry scripts in a fresh process, forked from one that has imported torch already -------------
+# The child runs the script from its first line, with its own argv, environment, working folder, stdout,
+# stderr and exit status. Importing torch costs seconds a process on a small machine; a fork a fraction
+# of one. (The child leaves by os._exit, so atexit handlers do not run: exit itself needs run_script.)
 
 _LAUNCHER = r"""
-import json, os, runpy, sys, traceback
-import torch, torchvision, engine.runner, engine.checkpoint  # the slow imports, paid once
+import json, os, runpy, sys, traceback, warnings
+import torch, torchvision, engine.runner, engine.checkpoint, engine.complexity  # the slow imports, paid once
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # thop's version check
+    import thop
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -104,10 +110,10 @@ class Launcher:
         self.process = subprocess.Popen([sys.executable, "-c", _LAUNCHER], cwd=ROOT, env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def run(self, script, *args, timeout=120) -> subprocess.CompletedProcess:
+    def run(self, script, *args, env=None, timeout=120) -> subprocess.CompletedProcess:
         self.count += 1
         out, err = (os.path.join(self.workdir, f"{self.count}.{name}") for name in ("out", "err"))
-        job = dict(script=os.path.join(ROOT, script), args=[str(a) for a in args], cwd=ROOT, env={},
+        job = dict(script=os.path.join(ROOT, script), args=[str(a) for a in args], cwd=ROOT, env=env or {},
                    stdout=out, stderr=err)
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
@@ -122,8 +128,9 @@ class Launcher:
         self.process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def launch(tmp_path_factory):
+    """``launch(script, *args, env=None)``: what run_script returns, from a fork of a process with torch imported."""
     launcher = Launcher(str(tmp_path_factory.mktemp("launcher")))
     yield launcher.run
     launcher.close()

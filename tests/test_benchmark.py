@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from benchmark import REFERENCE_ROLE, describe_allocator, format_profile, summarise
-from conftest import run_script
 
 RATIO = r"\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)"
 
@@ -37,11 +36,13 @@ def test_allocator_settings_are_named_with_the_figures():
     assert describe_allocator(environ) == "LD_PRELOAD=libjemalloc.so.2 MALLOC_TRIM_THRESHOLD_=4294967296"
 
 
-def test_model_benchmark_prints_every_mode_and_format_with_ratios():
-    result = run_script(
+@pytest.mark.slow
+def test_model_benchmark_prints_every_mode_and_format_with_ratios(launch):
+    result = launch(
         "scripts/benchmark.py", "model", "-a", "eca_resnet18", "--batch-size", "2", "--image-size", "32",
-        "--repeats", "2", "--warmup", "1", "--control", timeout=300, check=True,
+        "--repeats", "2", "--warmup", "1", "--control", timeout=300,
     )
+    assert result.returncode == 0, result.stderr
     assert re.search(r"^machine: CPU .*, allocator: \S", result.stdout, re.MULTILINE)
     rows = [line for line in result.stdout.splitlines() if line.startswith("eca_resnet18")]
     assert [row.split()[1:3] for row in rows] == [
@@ -52,27 +53,29 @@ def test_model_benchmark_prints_every_mode_and_format_with_ratios():
             assert re.search(rf"{role}/tv {RATIO}", row), row
 
 
-def test_loader_benchmark_ends_with_the_projects_rate(tiny_data):
-    result = run_script(
+def test_loader_benchmark_ends_with_the_projects_rate(launch, tiny_data):
+    result = launch(
         "scripts/benchmark.py", "loader", tiny_data, "-j", "1", "-b", "4", "--batches", "2", "--warmup", "1",
-        "--repeats", "1", "--crop-size", "32", timeout=300, check=True,
+        "--repeats", "1", "--crop-size", "32", timeout=300,
     )
+    assert result.returncode == 0, result.stderr
     assert re.search(r"original .* img/s", result.stdout)
     assert re.search(r"\d+(\.\d+)? img/s\s*$", result.stdout.strip().splitlines()[-1])
 
 
-def test_model_benchmark_refuses_bad_arguments_in_one_line():
-    result = run_script("scripts/benchmark.py", "model", "-a", "resnet50")
+def test_model_benchmark_refuses_bad_arguments_in_one_line(launch):
+    result = launch("scripts/benchmark.py", "model", "-a", "resnet50")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "resnet50" in result.stderr
 
 
-def test_profile_lists_operators_for_every_model():
-    result = run_script(
+@pytest.mark.slow
+def test_profile_lists_operators_for_every_model(launch):
+    result = launch(
         "scripts/benchmark.py", "profile", "-a", "eca_resnet18", "--batch-size", "2", "--image-size", "32",
-        "--warmup", "1", "--steps", "1", "--modes", "train", "--formats", "NCHW", "--top", "1000",
-        timeout=300, check=True,
+        "--warmup", "1", "--steps", "1", "--modes", "train", "--formats", "NCHW", "--top", "1000", timeout=300,
     )
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("operator"))
     assert header.split()[-3:] == ["project", "original", "torchvision"]
@@ -107,8 +110,8 @@ def test_profile_table_lists_the_largest_differences_first_then_totals():
         (["model", "-a", "eca_resnet18", "--eca-impl", "fast"], "invalid choice: 'fast'"),
     ],
 )
-def test_bad_kernel_sizes_are_one_line_not_a_traceback(arguments, message):
-    result = run_script("scripts/benchmark.py", *arguments, "--batch-size", "2", "--image-size", "32")
+def test_bad_kernel_sizes_are_one_line_not_a_traceback(launch, arguments, message):
+    result = launch("scripts/benchmark.py", *arguments, "--batch-size", "2", "--image-size", "32")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
@@ -122,8 +125,8 @@ def test_bad_kernel_sizes_are_one_line_not_a_traceback(arguments, message):
         (["profile", "--steps", "0"], "--steps must be a positive integer"),
     ],
 )
-def test_bad_numbers_and_devices_are_one_line(arguments, message):
-    result = run_script("scripts/benchmark.py", *arguments)
+def test_bad_numbers_and_devices_are_one_line(launch, arguments, message):
+    result = launch("scripts/benchmark.py", *arguments)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"benchmark.py: error: {message}")
@@ -137,7 +140,7 @@ def test_bad_numbers_and_devices_are_one_line(arguments, message):
         (["-b", "100000"], "is more than the"),
     ],
 )
-def test_loader_refuses_batches_it_could_never_deliver(tiny_data, arguments, message):
-    result = run_script("scripts/benchmark.py", "loader", tiny_data, *arguments, timeout=60)
+def test_loader_refuses_batches_it_could_never_deliver(launch, tiny_data, arguments, message):
+    result = launch("scripts/benchmark.py", "loader", tiny_data, *arguments, timeout=60)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

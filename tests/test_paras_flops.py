@@ -5,7 +5,6 @@ from typing import Dict
 import pytest
 from torch import nn
 
-from conftest import run_script
 from engine.complexity import (
     EcaLayerCost,
     build_model,
@@ -17,11 +16,15 @@ from engine.complexity import (
 from engine.errors import UsageError
 
 
-def run_paras_flops(*args: str) -> str:
-    result = run_script("paras_flops.py", *args)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stdout
+@pytest.fixture(scope="module")
+def run_paras_flops(launch):
+    def run(*args: str) -> str:
+        result = launch("paras_flops.py", *args)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        return result.stdout
+
+    return run
 
 
 def parse_report(text: str) -> Dict[str, int]:
@@ -34,14 +37,14 @@ def parse_report(text: str) -> Dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def resnet18_report() -> str:
+def resnet18_report(run_paras_flops) -> str:
     return run_paras_flops("-a", "eca_resnet18", "--ksize", "3577")
 
 
 # ---------------------------------------------------------------- the script, as a user runs it
 
 
-def test_resnet50_k3557_matches_the_readme_in_both_conventions():
+def test_resnet50_k3557_matches_the_readme_in_both_conventions(run_paras_flops):
     text = run_paras_flops("-a", "eca_resnet50", "--ksize", "3557")
     assert "ECA kernel sizes 3,5,5,7" in text
     assert re.search(r"24\.37M\s+binary", text)
@@ -61,7 +64,7 @@ def test_resnet18_k3577_matches_the_readme(resnet18_report):
     assert counts["eca_params"] == 2 * 3 + 2 * 5 + 2 * 7 + 2 * 7
 
 
-def test_mobilenet_v2_matches_the_readme():
+def test_mobilenet_v2_matches_the_readme(run_paras_flops):
     text = run_paras_flops("-a", "eca_mobilenet_v2")
     assert re.search(r"3\.34M\s+binary", text)
     assert re.search(r"3\.50M\s+decimal", text)
@@ -69,7 +72,7 @@ def test_mobilenet_v2_matches_the_readme():
     assert parse_report(text)["params"] == 3_504_903
 
 
-def test_adaptive_kernel_sizes_follow_eq_12():
+def test_adaptive_kernel_sizes_follow_eq_12(run_paras_flops):
     text = run_paras_flops("-a", "eca_resnet18", "--ksize", "adaptive")
     # 64, 128, 256, 512 channels -> 3, 5, 5, 5
     assert "ECA kernel sizes 3,5,5,5" in text
@@ -80,7 +83,7 @@ def fc_params(classes: int) -> int:
     return 512 * classes + classes
 
 
-def test_input_size_and_num_classes_change_the_counts(resnet18_report):
+def test_input_size_and_num_classes_change_the_counts(run_paras_flops, resnet18_report):
     full = parse_report(resnet18_report)
     small = parse_report(
         run_paras_flops("-a", "eca_resnet18", "--ksize", "3577", "--input-size", "112", "--num-classes", "10")
@@ -93,8 +96,8 @@ def test_input_size_and_num_classes_change_the_counts(resnet18_report):
 
 
 @pytest.mark.parametrize("bad", ["35577", "3,5,x,7"])
-def test_bad_ksize_is_one_line_and_exit_2(bad):
-    result = run_script("paras_flops.py", "-a", "eca_resnet50", "--ksize", bad)
+def test_bad_ksize_is_one_line_and_exit_2(launch, bad):
+    result = launch("paras_flops.py", "-a", "eca_resnet50", "--ksize", bad)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -102,7 +105,7 @@ def test_bad_ksize_is_one_line_and_exit_2(bad):
     assert result.stdout == ""
 
 
-def test_all_prints_every_model_next_to_the_readme():
+def test_all_prints_every_model_next_to_the_readme(run_paras_flops):
     text = run_paras_flops("--all")
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("eca_")}
     assert set(rows) == {f"eca_resnet{depth}" for depth in (18, 34, 50, 101, 152)} | {"eca_mobilenet_v2"}

@@ -5,11 +5,9 @@ no traceback, and nothing written. Unreadable images must not stop a run (unless
 --strict-data). A checkpoint whose pickle would run code must be refused without
 the code running.
 
-Each bad-input case runs the real entry script in a fresh process. Importing
-torch and torchvision costs seconds per process on a small machine, so most
-cases run in a child forked from a launcher that has already imported them
-(the script itself runs from its first line, with its own argv, environment,
-stdout, stderr and exit status); a few cases also run cold to show the two agree.
+Each bad-input case runs the real entry script in a fresh process, most of them
+forked from conftest's launcher (torch imported already); a few cases also run
+cold to show the two agree.
 """
 import csv
 import glob
@@ -30,6 +28,7 @@ from engine.checkpoint import read_checkpoint
 
 TINY = ["--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32"]
 FAST = ["-a", "eca_resnet18", "--epochs", "1", "-b", "8", "-j", "0", "--seed", "1", "-p", "1", *TINY]
+
 
 def assert_fails_cleanly(result, *fragments):
     """Non-zero exit, no traceback, and one error line on stderr that says each of ``fragments``."""
@@ -319,21 +318,19 @@ def test_other_scripts_refuse_bad_input_in_one_line(launch, tiny_data, tmp_path,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("script, args", [
-    ("main.py", ["DATA_MISSING"]),
-    ("light_main.py", ["--ksize", "35x7", "DATA_MISSING"]),
-])
-def test_a_cold_start_fails_the_same_way(tmp_path, script, args):
-    """The forked launcher changes nothing: the same cases run in a brand-new interpreter."""
-    args = [str(tmp_path / a) if a == "DATA_MISSING" else a for a in args]
-    result = run_script(script, *args, "--output-dir", tmp_path / "out", env={"ECA_DEBUG": ""}, timeout=120)
-    assert_fails_cleanly(result)
+def test_a_cold_start_fails_the_same_way(launch, tmp_path):
+    """The forked launcher changes nothing: a case run in a brand-new interpreter fails alike, to the byte."""
+    args = ["--ksize", "35x7", tmp_path / "missing", "--output-dir", tmp_path / "out"]
+    cold = run_script("light_main.py", *args, env={"ECA_DEBUG": ""}, timeout=120)
+    assert_fails_cleanly(cold, "--ksize")
+    forked = launch("light_main.py", *args)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (cold.returncode, cold.stdout, cold.stderr)
     assert not (tmp_path / "out").exists()
 
 
-def test_debug_switch_shows_the_traceback_behind_a_usage_error(tiny_data, tmp_path):
-    result = run_script("main.py", *FAST, "--ksize", "35x7", "--output-dir", tmp_path / "out", tiny_data,
-                        env={"ECA_DEBUG": "1"}, timeout=120)
+def test_debug_switch_shows_the_traceback_behind_a_usage_error(launch, tiny_data, tmp_path):
+    result = launch("main.py", *FAST, "--ksize", "35x7", "--output-dir", tmp_path / "out", tiny_data,
+                    env={"ECA_DEBUG": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UsageError" in result.stderr
 
@@ -480,7 +477,8 @@ def test_an_unexpected_error_with_loader_workers_exits_instead_of_hanging(tmp_pa
         f"classes = check_data_root({tiny_data!r}, need_train=True)\n"
         f"dataset = SeededImageFolder(list_samples({tiny_data!r} + '/val', classes), ValTransform(36, 32))\n"
         "context = DistContext()\n"
-        "loader = build_loader(dataset, SeededSampler(len(dataset), context, 0, shuffle=False), 2, 1, context, False)\n"
+        "sampler = SeededSampler(len(dataset), context, 0, shuffle=False)\n"
+        "loader = build_loader(dataset, sampler, batch_size=2, workers=1, ctx=context, drop_last=False)\n"
         "for batch in loader:\n"
         "    raise ZeroDivisionError('a bug in the training step')\n"
     )
