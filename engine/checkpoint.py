@@ -16,8 +16,8 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -437,7 +437,7 @@ def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp_path = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -451,10 +451,24 @@ def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     _fsync_directory(folder)
 
 
+def _create_temporary(path: str) -> Tuple[int, str]:
+    """A new, empty ``<path>.XXXXXXXX.tmp``, created with the permissions a plain ``open(path, "w")`` gives.
+
+    Unlike ``tempfile.mkstemp`` (always 0600), the mode follows the umask, so
+    checkpoints are as readable to the user's group as every other output file.
+    """
+    while True:
+        candidate = f"{path}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
+        except FileExistsError:
+            continue
+
+
 def remove_dead_writes(path: str) -> List[str]:
     """Delete the temporary files that :func:`atomic_save` / :func:`atomic_copy` left for ``path`` when killed.
 
-    Only names of the exact form ``<basename>.<mkstemp's 8 characters>.tmp`` next to
+    Only names of the exact form ``<basename>.<8 random characters>.tmp`` next to
     ``path`` are touched; nothing ever reads them. Call this before a run starts writing.
     """
     folder = os.path.dirname(os.path.abspath(path))

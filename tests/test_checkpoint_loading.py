@@ -4,12 +4,15 @@ import os
 import pathlib
 import pickle
 import shlex
+import stat
 
 import pytest
 import torch
 
 import models
 from engine.checkpoint import (
+    atomic_copy,
+    atomic_save,
     identify_architecture,
     kernel_sizes_from_state_dict,
     load_model,
@@ -409,3 +412,24 @@ def test_the_malicious_payload_is_real(tmp_path):
     with open(path, "rb") as handle:
         pickle.load(handle)
     assert marker.exists()
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_checkpoints_get_the_permissions_of_any_other_output_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with open(tmp_path / "metrics.csv", "w") as handle:  # how every other output file is written
+            handle.write("epoch\n")
+        atomic_save({"epoch": 1}, str(tmp_path / "checkpoint.pth.tar"))
+        atomic_copy(str(tmp_path / "checkpoint.pth.tar"), str(tmp_path / "model_best.pth.tar"))
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "metrics.csv").st_mode) == expected
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected, name
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "metrics.csv", "model_best.pth.tar"]
+    assert torch.load(tmp_path / "model_best.pth.tar", weights_only=True) == {"epoch": 1}
