@@ -10,7 +10,6 @@ ImageNet mean and std). Class names come from ``--class-names`` (a text file,
 one name per line in class-index order) or from the checkpoint's
 ``class_names``; without either, class indices are printed.
 """
-import argparse
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import models  # noqa: E402
+from models.fused import IMPLS as ECA_IMPLS  # noqa: E402
 from engine.checkpoint import load_model  # noqa: E402
 from engine.config import ArgumentParser  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
@@ -45,7 +45,7 @@ class Prediction:
     probabilities: List[float]
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Top-k classes of images, from a trained ECA-Net checkpoint.")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched recursively")
     parser.add_argument("--resume", required=True, metavar="CKPT", help="checkpoint to predict with (.pth.tar or .safetensors)")
@@ -57,7 +57,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--resize-size", type=int, default=None, help="shorter side before cropping (default 256, or the checkpoint's)")
     parser.add_argument("--crop-size", type=int, default=None, help="centre crop (default 224, or the checkpoint's)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    return parser.parse_args(argv)
+    parser.add_argument("--eca-impl", choices=ECA_IMPLS, default="auto",
+                        help="ECA block implementation (default auto: the fastest for the device)")
+    return parser
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ def format_text(prediction: Prediction, class_names: Optional[List[str]]) -> str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.batch_size < 1:
         raise UsageError(f"-b/--batch-size must be at least 1, got {args.batch_size}")
@@ -188,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     paths = collect_images(args.images)
 
     model, checkpoint = load_model(args.resume, arch=args.arch, map_location="cpu")
+    models.fuse_eca(model, impl=args.eca_impl)
     model.eval().to(device)
     num_classes = model.num_classes
     class_names = resolve_class_names(args.class_names, checkpoint.contents, num_classes)

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -159,9 +160,9 @@ def test_zero_or_negative_sizes_are_refused_not_replaced_by_defaults(resize_size
         evaluation_sizes(resize_size, crop_size, {"args": {}})
 
 
-def test_missing_image_is_one_line_and_exit_2_as_a_user_runs_it(tmp_path, dog_checkpoint):
+def test_missing_image_is_one_line_and_exit_2_as_a_user_runs_it(launch, tmp_path, dog_checkpoint):
     missing = tmp_path / "no_such.jpg"
-    result = run_script("scripts/predict.py", "--resume", dog_checkpoint, missing, "--device", "cpu")
+    result = launch("scripts/predict.py", "--resume", dog_checkpoint, missing, "--device", "cpu")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"predict.py: error: image or folder {str(missing)!r} does not exist"]
@@ -204,58 +205,93 @@ def _printed_differences(stdout: str):
     return [float(value) for value in re.findall(r"max abs diff vs eager logits (\S+)", stdout)]
 
 
-def test_torch_export_matches_eager_with_a_dynamic_batch(capsys, tmp_path, random_checkpoint):
+def _assert_exported_matches_eager(checkpoint, run_exported, shapes, tolerance):
+    model, _ = load_model(checkpoint)
+    model.eval()
+    for shape in shapes:
+        images = torch.randn(*shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(run_exported(images), model(images), rtol=0, atol=tolerance)
+
+
+def test_torch_export_with_dynamic_size_runs_at_the_checkpoints_size_and_others(capsys, tmp_path, random_checkpoint):
     output = tmp_path / "model.pt2"
     status, out, err = run_main(
-        export.main, capsys, "--resume", random_checkpoint, "--format", "export", "--output", output,
-        "--input-size", CROP_SIZE,
+        export.main, capsys, "--resume", random_checkpoint, "--format", "export", "--output", output, "--dynamic-size",
     )
     assert status == 0, err
-    differences = _printed_differences(out)
-    assert len(differences) == 2 and max(differences) < 1e-4
+    assert f"input [N, 3, {CROP_SIZE}, {CROP_SIZE}] (the checkpoint's validation crop); " \
+           "dynamic: batch, height and width" in out
+    assert re.findall(r"batch (\d+) at (\d+x\d+)", out) == [
+        ("2", f"{CROP_SIZE}x{CROP_SIZE}"), ("3", f"{CROP_SIZE}x{CROP_SIZE}"), ("3", f"{CROP_SIZE + 32}x{CROP_SIZE + 64}")
+    ]
+    assert max(_printed_differences(out)) < 1e-4
 
-    model, _ = load_model(random_checkpoint)
-    images = torch.randn(3, 3, CROP_SIZE, CROP_SIZE)
-    with torch.inference_mode():
-        torch.testing.assert_close(torch.export.load(str(output)).module()(images), model.eval()(images))
+    exported = torch.export.load(str(output)).module()
+    _assert_exported_matches_eager(random_checkpoint, exported, [(1, 3, 96, 80), (2, 3, 72, 72)], 1e-4)
 
 
 @pytest.mark.slow
-def test_onnx_matches_eager_as_a_user_runs_it(tmp_path, random_checkpoint):
-    pytest.importorskip("onnxruntime")
+def test_torch_export_without_dynamic_size_keeps_a_dynamic_batch(capsys, tmp_path, random_checkpoint):
+    output = tmp_path / "model.pt2"
+    status, out, err = run_main(
+        export.main, capsys, "--resume", random_checkpoint, "--format", "export", "--output", output,
+        "--input-size", 96,
+    )
+    assert status == 0, err
+    assert "input [N, 3, 96, 96] (--input-size); dynamic: batch" in out
+    assert len(_printed_differences(out)) == 2 and max(_printed_differences(out)) < 1e-4
+    exported = torch.export.load(str(output)).module()
+    _assert_exported_matches_eager(random_checkpoint, exported, [(5, 3, 96, 96)], 1e-4)
+    with pytest.raises(Exception, match="96"):  # the static height and width are enforced
+        exported(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.slow
+def test_onnx_with_dynamic_size_matches_eager_as_a_user_runs_it(tmp_path, random_checkpoint):
+    onnxruntime = pytest.importorskip("onnxruntime")
     output = tmp_path / "model.onnx"
     result = run_script(
-        "scripts/export.py", "--resume", random_checkpoint, "--format", "onnx", "--output", output,
-        "--input-size", CROP_SIZE,
+        "scripts/export.py", "--resume", random_checkpoint, "--format", "onnx", "--output", output, "--dynamic-size",
     )
     assert result.returncode == 0, result.stderr
     differences = _printed_differences(result.stdout)
-    assert len(differences) == 2 and max(differences) < 1e-3
+    assert len(differences) == 3 and max(differences) < 1e-3
     assert int(re.search(r"ONNX opset (\d+)", result.stdout).group(1)) >= 17 and output.is_file()
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+
+    def run(images):
+        return torch.from_numpy(session.run(["logits"], {"input": images.numpy()})[0])
+
+    _assert_exported_matches_eager(random_checkpoint, run, [(1, 3, 96, 80)], 1e-3)
 
 
-def test_onnx_without_its_packages_says_what_to_install(tmp_path, random_checkpoint):
-    # A package that fails to import stands in for one that is not installed.
-    blocker = tmp_path / "blocked" / "onnx"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')\n")
-    result = run_script(
-        "scripts/export.py", "--resume", random_checkpoint, "--format", "onnx", "--output", tmp_path / "m.onnx",
-        env={"PYTHONPATH": str(tmp_path / "blocked")},
+def test_onnx_without_its_packages_says_what_to_install(capsys, monkeypatch, tmp_path, random_checkpoint):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what importing a package that is not installed raises
+    status, out, err = run_main(
+        export.main, capsys, "--resume", random_checkpoint, "--format", "onnx", "--output", tmp_path / "m.onnx",
     )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "pip install -r requirements-export.txt" in result.stderr
+    lines = err.strip().splitlines()
+    assert status == 2 and out == "" and len(lines) == 1
+    assert "error: ONNX export needs onnx" in lines[0] and "pip install -r requirements-export.txt" in lines[0]
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_export_that_disagrees_with_eager_fails_with_status_1(capsys):
     model = models.eca_resnet18(num_classes=3).eval()
+    inputs = export.InputSpec(CROP_SIZE, dynamic_size=False)
     with pytest.raises(SystemExit) as stop:
-        export.verify("torch.export", lambda images: model(images) + 1.0, model, CROP_SIZE, export.EXPORT_TOLERANCE)
+        export.verify("torch.export", lambda images: model(images) + 1.0, model, inputs,
+                      tolerance=export.EXPORT_TOLERANCE)
     assert stop.value.code == 1
-    assert "differs from the eager model by 1.000e+00" in capsys.readouterr().err
+    assert "differs from the eager model by 1.000e+00 at batch 2" in capsys.readouterr().err
 
 
-def test_opset_below_17_is_refused(tmp_path, random_checkpoint):
-    with pytest.raises(UsageError, match="--opset must be at least 17"):
-        export.main(["--resume", random_checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--opset", "13"])
+@pytest.mark.parametrize("flags, says", [
+    (["--opset", "13"], "--opset must be at least 17"),
+    (["--input-size", "16"], "--input-size must be at least 32"),
+])
+def test_bad_export_flags_are_refused(tmp_path, random_checkpoint, flags, says):
+    with pytest.raises(UsageError, match=says):
+        export.main(["--resume", random_checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx"), *flags])
+    assert not (tmp_path / "m.onnx").exists()
