@@ -101,16 +101,20 @@ def make_demo_dataset(
     return counts
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="folder to create (train/ and val/ go inside)")
-    parser.add_argument("--classes", type=int, default=4, help="number of classes, 2 to %d" % len(SHAPES))
-    parser.add_argument("--train-per-class", type=int, default=48)
-    parser.add_argument("--val-per-class", type=int, default=16)
-    parser.add_argument("--width", type=int, default=80)
-    parser.add_argument("--height", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--classes", type=int, default=4, help="number of classes, 2 to %d (default 4)" % len(SHAPES))
+    parser.add_argument("--train-per-class", type=int, default=48, help="training images per class (default 48)")
+    parser.add_argument("--val-per-class", type=int, default=16, help="validation images per class (default 16)")
+    parser.add_argument("--width", type=int, default=80, help="image width in pixels (default 80)")
+    parser.add_argument("--height", type=int, default=60, help="image height in pixels (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and positions (default 0)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if not 2 <= args.classes <= len(SHAPES):
         raise UsageError(f"--classes must be between 2 and {len(SHAPES)} (one shape per class), got {args.classes}")
     require_at_least(args, 1, "train_per_class", "val_per_class")
