@@ -90,5 +90,10 @@ def parse_kernel_sizes(spec: KernelSpec, count: int = 4) -> Union[Tuple[int, ...
 
 
 def format_kernel_sizes(sizes: Sequence[int]) -> str:
-    """Kernel sizes as ``--ksize`` takes them back: the original's digits ('3557'), or commas once one has two digits."""
-    return ("" if max(sizes) < 10 else ",").join(map(str, sizes))
+    """Kernel sizes as ``--ksize`` takes them back: the original's digits for a ResNet's four stages ('3557'), else commas.
+
+    Commas once a kernel has two digits, and for MobileNetV2's 17 blocks, whose
+    run of digits ('11111111113333333') nobody could read.
+    """
+    digits = len(sizes) <= 4 and max(sizes) < 10
+    return ("" if digits else ",").join(map(str, sizes))

@@ -177,7 +177,10 @@ def test_mobilenet_rejects_per_stage_resnet_forms(spec, reason):
         models.eca_mobilenet_v2(k_size=spec)
 
 
-@pytest.mark.parametrize("sizes, text", [((3, 5, 5, 7), "3557"), ((11, 11, 13, 13), "11,11,13,13"), ((1,) * 17, "1" * 17)])
+@pytest.mark.parametrize("sizes, text", [
+    ((3, 5, 5, 7), "3557"), ((11, 11, 13, 13), "11,11,13,13"),
+    ((1,) * 10 + (3,) * 7, "1,1,1,1,1,1,1,1,1,1,3,3,3,3,3,3,3"),  # MobileNetV2's 17 blocks: commas, readable
+])
 def test_formatted_kernel_sizes_read_back_as_the_same_sizes(sizes, text):
     assert models.kernel_sizes.format_kernel_sizes(sizes) == text
     assert models.parse_kernel_sizes(text, count=len(sizes)) == sizes
