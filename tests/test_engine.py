@@ -56,6 +56,15 @@ def test_training_learns_well_above_chance(trained):
     assert max(precs) >= 60.0, output  # chance is 25% with 4 classes
 
 
+@pytest.fixture(scope="module")
+def best_evaluation(trained, demo_data, launch):
+    """``-e --resume model_best.pth.tar`` at the run's sizes: (the Prec@1 lines, the run's best pair)."""
+    out, output = trained
+    result = launch("main.py", "-e", "--resume", out / "model_best.pth.tar", "-j", "1", *SMALL, demo_data)
+    assert result.returncode == 0, result.stderr
+    return prec_lines(result.stdout), max(prec_lines(output), key=lambda pair: float(pair[0]))
+
+
 @pytest.mark.slow
 def test_log_keeps_the_original_line_formats(trained):
     _, output = trained
@@ -64,6 +73,9 @@ def test_log_keeps_the_original_line_formats(trained):
     assert "Epoch: [2][5/6]" in output
     assert "tensor(" not in output
     assert "batch 32 per process, 32 in all; lr 0.05" in output
+    # Parameters in decimal millions and exactly: ECA-ResNet-18's 11,689,556 with a 4-class head.
+    assert "=> eca_resnet18, ECA kernel sizes 3577, 4 classes, 11.18 million parameters (11,178,608)" in output
+    assert "amp none, channels_last False, compile False, ECA impl auto; output " in output
 
 
 @pytest.mark.slow
@@ -89,22 +101,21 @@ def test_run_writes_checkpoints_tensorboard_and_metrics(trained):
 
 
 @pytest.mark.slow
-def test_evaluating_the_best_checkpoint_reproduces_its_prec1(trained, demo_data):
-    out, output = trained
-    best = max(prec_lines(output), key=lambda pair: float(pair[0]))
-    result = run_script("main.py", "-e", "--resume", out / "model_best.pth.tar", "-j", "1", *SMALL, demo_data, check=True)
-    assert prec_lines(result.stdout) == [best]
+def test_evaluating_the_best_checkpoint_reproduces_its_prec1(trained, best_evaluation):
+    out, _ = trained
+    evaluated, best = best_evaluation
+    assert evaluated == [best]
     assert not (out.parent / "runs").exists()
 
 
 @pytest.mark.slow
-def test_evaluation_defaults_to_the_sizes_the_checkpoint_was_validated_at(trained, demo_data):
+def test_evaluation_defaults_to_the_sizes_the_checkpoint_was_validated_at(trained, best_evaluation, demo_data, launch):
     """Without size flags, -e --resume uses the run's 56/48, not ImageNet's 256/224, and so reproduces its Prec@1."""
-    out, output = trained
-    best = max(prec_lines(output), key=lambda pair: float(pair[0]))
-    result = run_script("main.py", "-e", "--resume", out / "model_best.pth.tar", "-j", "1", demo_data, check=True)
-    assert prec_lines(result.stdout) == [best]
-    refused = run_script("main.py", "-e", "--resume", out / "model_best.pth.tar", "--val-resize-size", "40", demo_data)
+    out, _ = trained
+    result = launch("main.py", "-e", "--resume", out / "model_best.pth.tar", "-j", "1", demo_data)
+    assert result.returncode == 0, result.stderr
+    assert prec_lines(result.stdout) == [best_evaluation[1]]
+    refused = launch("main.py", "-e", "--resume", out / "model_best.pth.tar", "--val-resize-size", "40", demo_data)
     assert refused.returncode == 2
     assert refused.stderr.strip() == "main.py: error: --val-crop-size 48 is larger than --val-resize-size 40"
 
@@ -120,15 +131,16 @@ def save_in_original_release_format(state_dict, path, arch_tag):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_arch", [True, False], ids=["with -a", "without -a"])
-def test_release_format_checkpoint_evaluates_without_ksize(trained, demo_data, tmp_path, with_arch):
+def test_release_format_checkpoint_evaluates_without_ksize(trained, best_evaluation, demo_data, tmp_path, launch,
+                                                         with_arch):
     out, _ = trained
-    ours = run_script("main.py", "-e", "--resume", out / "model_best.pth.tar", "-j", "1", *SMALL, demo_data, check=True)
     state_dict = torch.load(out / "model_best.pth.tar", weights_only=True)["state_dict"]
     release = tmp_path / "eca_resnet18_k3577.pth.tar"
     save_in_original_release_format(state_dict, release, arch_tag="se_resnet18")
     arch = ["-a", "eca_resnet18"] if with_arch else []
-    result = run_script("main.py", *arch, "-e", "--resume", release, "-j", "1", *SMALL, demo_data, check=True)
-    assert prec_lines(result.stdout) == prec_lines(ours.stdout)
+    result = launch("main.py", *arch, "-e", "--resume", release, "-j", "1", *SMALL, demo_data)
+    assert result.returncode == 0, result.stderr
+    assert prec_lines(result.stdout) == best_evaluation[0]
     assert "se_resnet18" in result.stdout  # the wrong tag is pointed out, not trusted
 
 
@@ -143,10 +155,11 @@ def odd_sized_val(demo_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_evaluation_counts_every_image_once(trained, odd_sized_val):
+def test_two_process_evaluation_counts_every_image_once(trained, odd_sized_val, launch):
     out, _ = trained
     args = ["main.py", "-e", "--resume", out / "model_best.pth.tar", "-j", "0", "-b", "16", *SMALL, odd_sized_val]
-    single = run_script(*args, check=True)
+    single = launch(*args)
+    assert single.returncode == 0, single.stderr
     double = torchrun(*args)
     assert double.returncode == 0, double.stderr
     assert prec_lines(double.stdout) == prec_lines(single.stdout)
@@ -165,34 +178,36 @@ def test_torchrun_trains_on_the_cpu_with_gloo(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_light_main_trains_eca_mobilenet_v2(tiny_data, tmp_path):
+def test_light_main_trains_eca_mobilenet_v2(tiny_data, tmp_path, launch):
     out = tmp_path / "mobile"
-    result = run_script("light_main.py", "--epochs", "1", "-b", "8", "-j", "0", *TINY, "--output-dir", out, tiny_data,
-                        check=True)
-    assert "=> eca_mobilenet_v2, ECA kernel sizes" in result.stdout
+    result = launch("light_main.py", "--epochs", "1", "-b", "8", "-j", "0", *TINY, "--output-dir", out, tiny_data)
+    assert result.returncode == 0, result.stderr
+    assert "=> eca_mobilenet_v2, ECA kernel sizes 1,1,1,1,1,1,1,1,1,1,3,3,3,3,3,3,3, 3 classes, " in result.stdout
     assert "(exponential schedule)" in result.stdout and "lr 0.045" in result.stdout
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["arch"] == "eca_mobilenet_v2" and ckpt["kernel_sizes"] == [1] * 10 + [3] * 7
 
 
 @pytest.mark.slow
-def test_config_file_sets_defaults_and_flags_override_it(tiny_data, tmp_path):
+def test_config_file_sets_defaults_and_flags_override_it(tiny_data, tmp_path, launch):
     config = tmp_path / "recipe.yaml"
     config.write_text("arch: eca_resnet18\nksize: '3333'\nepochs: 5\nbatch_size: 8\nlr: 0.2\nworkers: 0\n"
                       "train_crop_size: 32\nval_resize_size: 36\nval_crop_size: 32\n")
     out = tmp_path / "cfg"
-    result = run_script("main.py", "--config", config, "--epochs", "1", "--output-dir", out, tiny_data, check=True)
+    result = launch("main.py", "--config", config, "--epochs", "1", "--output-dir", out, tiny_data)
+    assert result.returncode == 0, result.stderr
     assert "ECA kernel sizes 3333" in result.stdout and "lr 0.2" in result.stdout
     assert len(prec_lines(result.stdout)) == 1  # --epochs 1 beat the file's 5
     assert "epochs: 1" in (out / "args.yaml").read_text()
 
 
 @pytest.mark.slow
-def test_predict_names_the_classes_a_trained_demo_model_learned(trained, demo_data):
+def test_predict_names_the_classes_a_trained_demo_model_learned(trained, demo_data, launch):
     out, output = trained
     best = max(float(top1) for top1, _ in prec_lines(output))
-    result = run_script("scripts/predict.py", "--resume", out / "model_best.pth.tar", "--json", "--device", "cpu",
-                        os.path.join(demo_data, "val"), check=True)
+    result = launch("scripts/predict.py", "--resume", out / "model_best.pth.tar", "--json", "--device", "cpu",
+                    os.path.join(demo_data, "val"))
+    assert result.returncode == 0, result.stderr
     predictions = json.loads(result.stdout)
     assert len(predictions) == 64
     right = sum(item["predictions"][0]["class"] == os.path.basename(os.path.dirname(item["image"]))

@@ -4,7 +4,6 @@ import torch
 import torchvision
 
 import models
-from conftest import run_script
 from engine.transfer import initialize_from
 
 TINY = ["--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32", "-j", "0", "-b", "8"]
@@ -41,9 +40,10 @@ def test_other_class_count_reinitialises_the_classifier(torchvision_resnet18_fil
 
 
 @pytest.mark.slow
-def test_init_from_torchvision_resnet_starts_a_new_run(torchvision_resnet18_file, tiny_data, tmp_path):
-    result = run_script("main.py", "-a", "eca_resnet18", "--init-from", torchvision_resnet18_file, "--epochs", "1",
-                        *TINY, "--output-dir", tmp_path / "out", tiny_data, check=True)
+def test_init_from_torchvision_resnet_starts_a_new_run(torchvision_resnet18_file, tiny_data, tmp_path, launch):
+    result = launch("main.py", "-a", "eca_resnet18", "--init-from", torchvision_resnet18_file, "--epochs", "1",
+                    *TINY, "--output-dir", tmp_path / "out", tiny_data)
+    assert result.returncode == 0, result.stderr
     assert "tensors loaded" in result.stdout
     assert "new (not in the file, left as initialised): 8: layer1.0.eca.conv.weight" in result.stdout
     assert "skipped fc.weight: shape [1000, 512] in the file, [3, 512] in the model" in result.stdout
@@ -51,7 +51,7 @@ def test_init_from_torchvision_resnet_starts_a_new_run(torchvision_resnet18_file
 
 
 @pytest.mark.slow
-def test_release_format_1000_class_checkpoint_fine_tunes_on_four_classes(demo_data, tmp_path):
+def test_release_format_1000_class_checkpoint_fine_tunes_on_four_classes(demo_data, tmp_path, launch):
     torch.manual_seed(0)
     source = models.eca_resnet18(num_classes=1000).state_dict()
     release = tmp_path / "eca_resnet18_k3577.pth.tar"
@@ -59,8 +59,9 @@ def test_release_format_1000_class_checkpoint_fine_tunes_on_four_classes(demo_da
                 "best_prec1": torch.tensor(70.92), "optimizer": {"state": {}, "param_groups": []}},
                release, _use_new_zipfile_serialization=False)
     out = tmp_path / "ft"
-    result = run_script("main.py", "-a", "eca_resnet18", "--init-from", release, "--epochs", "1", "--lr", "0.01",
-                        "--backbone-lr-scale", "0.1", *TINY, "--output-dir", out, demo_data, check=True)
+    result = launch("main.py", "-a", "eca_resnet18", "--init-from", release, "--epochs", "1", "--lr", "0.01",
+                    "--backbone-lr-scale", "0.1", *TINY, "--output-dir", out, demo_data)
+    assert result.returncode == 0, result.stderr
     assert "the classifier was re-initialised" in result.stdout
     assert "new (not in the file" not in result.stdout  # every ECA kernel came from the file
     tuned = torch.load(out / "checkpoint.pth.tar", weights_only=True)
@@ -69,14 +70,15 @@ def test_release_format_1000_class_checkpoint_fine_tunes_on_four_classes(demo_da
 
 
 @pytest.mark.slow
-def test_freeze_backbone_trains_only_the_classifier(tiny_data, tmp_path):
+def test_freeze_backbone_trains_only_the_classifier(tiny_data, tmp_path, launch):
     torch.manual_seed(0)
     start = models.eca_resnet18(num_classes=3).state_dict()
     path = tmp_path / "start.pth"
     torch.save(start, path)
     out = tmp_path / "probe"
-    run_script("main.py", "-a", "eca_resnet18", "--init-from", path, "--freeze-backbone", "--epochs", "1", *TINY,
-               "--output-dir", out, tiny_data, check=True)
+    result = launch("main.py", "-a", "eca_resnet18", "--init-from", path, "--freeze-backbone", "--epochs", "1", *TINY,
+                    "--output-dir", out, tiny_data)
+    assert result.returncode == 0, result.stderr
     after = torch.load(out / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     changed = {k for k in start if not torch.equal(start[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}  # BN statistics too stay as they were
