@@ -60,11 +60,13 @@ def read_inputs(args) -> RunInputs:
 
 
 def main(recipe: str, argv: Optional[Sequence[str]] = None) -> None:
+    """Parse, read the inputs, resolve the config; then run this process, or spawn one per visible GPU."""
     args = parse_args(recipe, argv)
     inputs = read_inputs(args)
     spawn = should_spawn(args)
-    own_rendezvous = spawn and args.dist_url is None and args.world_size <= 1
-    config = resolve_config(args, inputs.checkpoint, dist_url=f"tcp://127.0.0.1:{free_port()}" if own_rendezvous else None)
+    # Processes spawned here meet on a free local port, unless the flags name a rendezvous (several nodes).
+    local = spawn and args.dist_url is None and args.world_size <= 1
+    config = resolve_config(args, inputs.checkpoint, dist_url=f"tcp://127.0.0.1:{free_port()}" if local else None)
     if not spawn:
         run(config, inputs)
         return
@@ -101,7 +103,7 @@ def run(config: Config, inputs: RunInputs, spawned_index: Optional[int] = None) 
         )
         val_loader = make_loader(config, loop, "val", classes=classes, batch_size=batch_size, seed=seed)
         if config.evaluate:
-            evaluate_only(config, model, val_loader, loop, trained=ckpt is not None or bool(config.init_from))
+            evaluate_only(config, model, val_loader, loop, has_weights=ckpt is not None or bool(config.init_from))
             return
 
         train_loader = make_loader(config, loop, "train", classes=classes, batch_size=batch_size, seed=seed)
@@ -117,7 +119,7 @@ def run(config: Config, inputs: RunInputs, spawned_index: Optional[int] = None) 
                                 enabled=ctx.is_primary)
         with metrics, objects_built_so_far_frozen():
             for epoch in range(point.epoch, config.epochs):
-                trained = None
+                trained = None  # an epoch resumed after its last batch only validates
                 if point.step < steps_per_epoch:
                     trained = train_one_epoch(parts, train_loader, loop, epoch=epoch, start_step=point.step)
                     if trained.interrupted:
@@ -259,9 +261,10 @@ def memory_format(config: Config) -> torch.memory_format:
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
-def evaluate_only(config: Config, model: nn.Module, val_loader: DataLoader, loop: LoopContext, trained: bool) -> None:
+def evaluate_only(config: Config, model: nn.Module, val_loader: DataLoader, loop: LoopContext,
+                  has_weights: bool) -> None:
     """``-e``: one validation, ending in the original's `` * Prec@1 ... Prec@5 ...`` line."""
-    if not trained:
+    if not has_weights:
         logger.warning("warning: -e without --resume evaluates randomly initialised weights")
     model.to(loop.ctx.device, memory_format=memory_format(config))
     with objects_built_so_far_frozen():

@@ -73,7 +73,7 @@ class CheckpointSaver:
         self.config, self.ctx, self.parts = config, ctx, parts
         self.seed, self.classes = seed, list(classes)
         self.output_dir = config.output_dir
-        self.path = os.path.join(self.output_dir, CHECKPOINT)
+        self.path = checkpoint_path(config)
 
     def prepare_folder(self) -> None:
         """Create the output folder, clear what a killed save left there, and record the resolved arguments."""

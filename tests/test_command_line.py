@@ -1,13 +1,17 @@
 """The entry scripts' command lines: every option explained, the defaults --help shows true, the config frozen."""
 import argparse
+import pickle
 
 import pytest
+import torch
 
 import export
 import loader_benchmark
 import make_demo_data
+import models
 import paras_flops
 import predict
+from engine.checkpoint import Checkpoint
 from engine.config import Config, build_parser, parse_args, resolve_config
 from models.fused import IMPLS
 
@@ -75,3 +79,23 @@ def test_the_resolved_config_is_frozen():
     with pytest.raises(AttributeError, match="frozen"):
         del config.lr
     assert args.val_crop_size is None  # resolving leaves the parsed arguments as they were
+
+
+def test_the_config_reaches_spawned_processes_intact_and_still_frozen():
+    config = resolve_config(parse_args("resnet", ["DATA"]), None, dist_url="tcp://127.0.0.1:29511")
+    copy = pickle.loads(pickle.dumps(config))  # how mp.spawn hands it to each GPU's process
+    assert copy == config and copy.dist_url == "tcp://127.0.0.1:29511"
+    with pytest.raises(AttributeError, match="frozen"):
+        copy.dist_url = None
+
+
+def test_a_resumed_checkpoint_supplies_the_architecture_and_sizes_the_flags_leave_open():
+    with torch.device("meta"):
+        weights = models.eca_resnet18(num_classes=3).state_dict()
+    saved = {"args": {"train_crop_size": 48, "val_resize_size": 56, "val_crop_size": 48}}
+    ckpt = Checkpoint(path="run/checkpoint.pth.tar", state_dict=weights, contents=saved)
+    config = resolve_config(parse_args("resnet", ["--resume", ckpt.path, "DATA"]), ckpt)
+    assert (config.arch, config.output_dir) == ("eca_resnet18", "runs/eca_resnet18")
+    assert (config.train_crop_size, config.val_resize_size, config.val_crop_size) == (48, 56, 48)
+    flagged = resolve_config(parse_args("resnet", ["--resume", ckpt.path, "--val-crop-size", "64", "DATA"]), ckpt)
+    assert (flagged.train_crop_size, flagged.val_resize_size, flagged.val_crop_size) == (48, 73, 64)
