@@ -38,7 +38,10 @@ def test_faster_rcnn_trains_and_detects_with_eca_resnet50_fpn():
     torch.manual_seed(0)
     backbone = eca_resnet_fpn_backbone("eca_resnet50")
     assert backbone.out_channels == 256
-    detector = FasterRCNN(backbone, num_classes=3, min_size=128, max_size=160)
+    # Fewer proposals than torchvision's defaults (2000 / 1000 a picture): the box head's cost is per proposal.
+    detector = FasterRCNN(backbone, num_classes=3, min_size=128, max_size=160, rpn_pre_nms_top_n_train=200,
+                          rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                          box_batch_size_per_image=64)
     images, targets = _images_and_targets()
 
     detector.train()
