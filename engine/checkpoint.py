@@ -275,6 +275,14 @@ def build_model(arch: str, k_size: KernelSpec = None, num_classes: int = 1000) -
         raise UsageError(f"--ksize: {error}") from None
 
 
+def fuse(model: nn.Module, impl: str) -> nn.Module:
+    """``models.fuse_eca(model, impl)``, once at set-up; an implementation this machine cannot run is a UsageError."""
+    try:
+        return models.fuse_eca(model, impl=impl)
+    except RuntimeError as error:  # e.g. --eca-impl triton without its kernels or a GPU
+        raise UsageError(str(error)) from None
+
+
 def model_from_checkpoint(
     arch: Optional[str], ckpt: Checkpoint, k_size: KernelSpec = None, num_classes: Optional[int] = None
 ) -> nn.Module:

@@ -21,10 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-import models
 from models.kernel_sizes import format_kernel_sizes
 
-from .checkpoint import Checkpoint, build_model, model_from_checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, build_model, fuse, model_from_checkpoint, read_checkpoint
 from .collector import objects_built_so_far_frozen
 from .config import Config, parse_args, resolve_config
 from .data import (
@@ -94,7 +93,7 @@ def run(config: Config, inputs: RunInputs, spawned_index: Optional[int] = None) 
         seed = agree_on_seed(config, ckpt, ctx)
         seed_everything(seed)
         model = create_model(config, ckpt, num_classes)
-        models.fuse_eca(model, impl=config.eca_impl)
+        fuse(model, config.eca_impl)
         loop = LoopContext(
             ctx=ctx, prepare=BatchPreparer(ctx.device, config.channels_last),
             criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing).to(ctx.device),

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from models.fused import IMPLS as ECA_IMPLS  # noqa: E402
-from engine.checkpoint import load_model  # noqa: E402
+from engine.checkpoint import fuse, load_model  # noqa: E402
 from engine.config import ArgumentParser  # noqa: E402
 from engine.data import DEFAULT_CROP_SIZE, saved_size  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
@@ -231,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     source = "--input-size" if args.input_size else ("the checkpoint's validation crop" if saved else "ImageNet's crop")
     check_input_size(size, source)
     inputs = InputSpec(size, args.dynamic_size)
-    models.fuse_eca(model, impl=args.eca_impl)
+    fuse(model, args.eca_impl)
     model.eval()
     free = "batch, height and width" if inputs.dynamic_size else "batch"
     print(f"input [N, 3, {size}, {size}] ({source}); dynamic: {free}")

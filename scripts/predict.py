@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from models.fused import IMPLS as ECA_IMPLS  # noqa: E402
-from engine.checkpoint import load_model  # noqa: E402
+from engine.checkpoint import fuse, load_model  # noqa: E402
 from engine.config import ArgumentParser  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
 from engine.data import (  # noqa: E402
@@ -190,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     paths = collect_images(args.images)
 
     model, checkpoint = load_model(args.resume, arch=args.arch, map_location="cpu")
-    models.fuse_eca(model, impl=args.eca_impl)
+    fuse(model, args.eca_impl)
     model.eval().to(device)
     num_classes = model.num_classes
     class_names = resolve_class_names(args.class_names, checkpoint.contents, num_classes)

@@ -289,6 +289,32 @@ def test_bad_input_leaves_an_existing_run_folder_byte_for_byte(launch, tiny_data
     assert snapshot(existing_run) == before
 
 
+def triton_refusal():
+    """Why fuse_eca refuses the Triton kernels here, or None where they run."""
+    try:
+        models.fuse_eca(models.eca_resnet18(), impl="triton")
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("script", ["main.py", "scripts/predict.py", "scripts/export.py"])
+def test_an_eca_impl_this_machine_cannot_run_is_refused_in_one_line(launch, tiny_data, tmp_path, files, script):
+    reason = triton_refusal()
+    if reason is None:
+        pytest.skip("the Triton kernels run here")
+    out = tmp_path / "out"
+    image = sorted(glob.glob(os.path.join(tiny_data, "val", "*", "*")))[0]
+    args = {
+        "main.py": [*FAST, "--output-dir", out, tiny_data],
+        "scripts/predict.py": ["--resume", files["ECA-ResNet-18"], image],
+        "scripts/export.py": ["--resume", files["ECA-ResNet-18"], "--format", "export", "--output", out / "m.pt2"],
+    }[script]
+    result = launch(script, *args, "--eca-impl", "triton")
+    assert_fails_cleanly(result, reason)
+    assert result.returncode == 2 and not out.exists()
+
+
 # --- scripts other than main.py ------------------------------------------------------------------
 
 SCRIPT_CASES = {
