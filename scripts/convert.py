@@ -43,14 +43,14 @@ from models.kernel_sizes import format_kernel_sizes  # noqa: E402
 RELEASE_PREFIX = "module."
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Convert an ECA-Net checkpoint to safetensors, or back to the release format.")
     parser.add_argument("input", metavar="IN", help="checkpoint to read (.pth.tar, a state_dict, or .safetensors)")
     parser.add_argument("output", metavar="OUT", help=f"file to write: OUT{SUFFIX}, or with --to pth a .pth.tar")
     parser.add_argument("--to", choices=("safetensors", "pth"), default="safetensors",
                         help="safetensors (default), or pth for the release's .pth.tar format")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    return parser.parse_args(argv)
+    return parser
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -93,7 +93,7 @@ def summary(described: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_paths(args)
     ckpt = read_checkpoint(args.input)
     if args.to == "safetensors":

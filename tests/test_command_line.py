@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+import convert
 import export
 import loader_benchmark
 import make_demo_data
@@ -21,6 +22,7 @@ PARSERS = {
     "paras_flops.py": paras_flops.build_parser,
     "scripts/predict.py": predict.build_parser,
     "scripts/export.py": export.build_parser,
+    "scripts/convert.py": convert.build_parser,
     "scripts/make_demo_data.py": make_demo_data.build_parser,
     "scripts/loader_benchmark.py": loader_benchmark.build_parser,
 }
