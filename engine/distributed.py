@@ -154,7 +154,8 @@ def init_distributed(args, spawned_index: Optional[int] = None) -> DistContext:
             backend=backend, init_method=plan.init_method, world_size=plan.world_size, rank=plan.rank, timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
-    return DistContext(plan.rank, plan.world_size, plan.local_rank, plan.local_world_size, device)
+    return DistContext(rank=plan.rank, world_size=plan.world_size, local_rank=plan.local_rank,
+                       local_world_size=plan.local_world_size, device=device)
 
 
 # gloo's messages for a peer that closed its connection or stopped answering, as they appear without the transport's path.

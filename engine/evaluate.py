@@ -70,4 +70,5 @@ def evaluate(model: nn.Module, loader, loop: LoopContext, description: str = "Te
     if count == 0 and not interrupted:
         raise UsageError("no readable validation image: check DATA/val")
     scale = 100.0 / max(count, 1)
-    return EvalResult(loss_sum / max(count, 1), correct1 * scale, correct5 * scale, count, unreadable, interrupted)
+    return EvalResult(loss=loss_sum / max(count, 1), prec1=correct1 * scale, prec5=correct5 * scale, images=count,
+                      unreadable=unreadable, interrupted=interrupted)

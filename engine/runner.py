@@ -260,7 +260,7 @@ def memory_format(config: Config) -> torch.memory_format:
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
-def evaluate_only(config: Config, model: nn.Module, val_loader: DataLoader, loop: LoopContext,
+def evaluate_only(config: Config, model: nn.Module, val_loader: DataLoader, loop: LoopContext, *,
                   has_weights: bool) -> None:
     """``-e``: one validation, ending in the original's `` * Prec@1 ... Prec@5 ...`` line."""
     if not has_weights:
