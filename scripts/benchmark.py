@@ -51,10 +51,10 @@ from torch import nn  # noqa: E402
 
 from engine.config import ArgumentParser, require_at_least  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from engine.checkpoint import build_model  # noqa: E402
+from engine.checkpoint import build_model, fuse  # noqa: E402
 from engine.collector import objects_built_so_far_frozen  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
-from models import ARCHITECTURES, fuse_eca  # noqa: E402
+from models import ARCHITECTURES  # noqa: E402
 from models.fused import IMPLS  # noqa: E402
 from loader_benchmark import add_loader_arguments, run_loader  # noqa: E402
 
@@ -140,7 +140,7 @@ def build_models(
     also a second torchvision model with the first one's weights.
     """
     original = build_model(arch, k_size, num_classes)
-    project = fuse_eca(build_model(arch, k_size, num_classes), eca_impl)
+    project = fuse(build_model(arch, k_size, num_classes), eca_impl)
     project.load_state_dict(original.state_dict())
     reference = getattr(torchvision.models, TORCHVISION_COUNTERPART[arch])(num_classes=num_classes)
     models = {"project": project, "original": original, REFERENCE_ROLE: reference}
@@ -330,19 +330,22 @@ def describe_allocator(environ: Mapping[str, str]) -> str:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """What the models are and how they run: shared by ``model`` and ``profile``."""
-    parser.add_argument("-a", "--arch", default="eca_resnet50", choices=sorted(ARCHITECTURES))
+    parser.add_argument("-a", "--arch", default="eca_resnet50", choices=sorted(ARCHITECTURES), metavar="ARCH",
+                        help="the project's architecture; torchvision's counterpart is measured beside it")
     parser.add_argument("--ksize", default=None, help="ECA kernel sizes (e.g. 3557); the architecture's default if omitted")
     parser.add_argument("--eca-impl", default="auto", choices=IMPLS, help="how the project's model runs its ECA blocks (models.fuse_eca)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
+    parser.add_argument("--image-size", type=int, default=128, help="side of the square random input, in pixels")
+    parser.add_argument("--num-classes", type=int, default=1000, help="outputs of every model's classifier")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions per model first")
-    parser.add_argument("--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"])
-    parser.add_argument("--formats", nargs="+", default=list(MEMORY_FORMATS), choices=list(MEMORY_FORMATS))
+    parser.add_argument("--modes", nargs="+", default=["train", "inference"], choices=["train", "inference"],
+                        help="training steps (SGD) and/or inference steps")
+    parser.add_argument("--formats", nargs="+", default=list(MEMORY_FORMATS), choices=list(MEMORY_FORMATS),
+                        help="memory formats of the models and their input")
     parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model first")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batch")
     parser.add_argument(
         "--control",
         action="store_true",

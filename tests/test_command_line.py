@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+import benchmark
 import convert
 import export
 import loader_benchmark
@@ -25,6 +26,7 @@ PARSERS = {
     "scripts/convert.py": convert.build_parser,
     "scripts/make_demo_data.py": make_demo_data.build_parser,
     "scripts/loader_benchmark.py": loader_benchmark.build_parser,
+    "scripts/benchmark.py": benchmark.build_parser,
 }
 
 

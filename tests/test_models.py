@@ -163,9 +163,12 @@ def evaluation_model(arch):
 INPUT_SIZES = [
     (arch, (97, 75), (4, 3)) for arch in ARCHS  # odd sizes: every stride-2 step rounds up
 ] + [(arch, (64, 64), (2, 2)) for arch in ("eca_resnet18", "eca_resnet50", "eca_mobilenet_v2")]
+DEEP = ("eca_resnet101", "eca_resnet152")  # ResNet-50's blocks, more of them: with the slow tests
+INPUT_CASES = [pytest.param(*case, marks=pytest.mark.slow if case[0] in DEEP else [], id=f"{case[0]}-{case[1][0]}x{case[1][1]}")
+               for case in INPUT_SIZES]
 
 
-@pytest.mark.parametrize("arch, size, grid", INPUT_SIZES, ids=[f"{a}-{h}x{w}" for a, (h, w), _ in INPUT_SIZES])
+@pytest.mark.parametrize("arch, size, grid", INPUT_CASES)
 def test_models_run_at_any_input_size(arch, size, grid):
     model = evaluation_model(arch)
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
