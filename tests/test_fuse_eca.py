@@ -263,6 +263,17 @@ def test_fuse_eca_works_in_place_and_reference_restores_the_plain_blocks():
     assert [type(m) for m in fuse_eca(model, "reference").modules()] == plain_types
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "se_resnet18", "eca_ns_resnet50", "cbam_resnet50", "mobilenet_v2"])
+def test_fuse_eca_leaves_models_without_eca_layers_unchanged(arch):
+    model = models.ARCHITECTURES[arch](num_classes=3).eval()
+    before = copy.deepcopy(model)
+    assert fuse_eca(model, "cpu") is model
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), before(x))
+
+
 def test_fused_model_loads_a_plain_state_dict_strictly_and_survives_deepcopy():
     plain = randomise(models.eca_mobilenet_v2(num_classes=10))
     fused = fuse_eca(models.eca_mobilenet_v2(num_classes=10), "cpu")
