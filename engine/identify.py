@@ -211,17 +211,3 @@ def check_fits_architecture(arch: str, ckpt: "Checkpoint") -> None:
         "use --init-from to load only the tensors that match"
     )
 
-
-def extends(arch: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether every tensor of the state_dict is one of ``arch``'s, of its shape but for the classifier's rows.
-
-    True for ``arch``'s own weights and for those of a network ``arch`` adds to:
-    a plain ResNet's inside an SE-, CBAM- or ECA-ResNet of its depth.
-    """
-    reference = _reference_shapes(arch)
-    return all(
-        key in reference
-        and _chosen_by_the_file(arch, key, tuple(tensor.shape)) == _chosen_by_the_file(arch, key, reference[key])
-        for key, tensor in state_dict.items()
-        if not key.endswith("num_batches_tracked")
-    )

@@ -11,12 +11,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+import models
 from models.kernel_sizes import KernelSpec
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import UsageError
 from .identify import (
-    architecture_candidates, check_kernel_sizes, classifier_prefix, extends, fits, identify_architecture,
+    architecture_candidates, check_kernel_sizes, classifier_prefix, fits, identify_architecture,
     kernel_sizes_from_state_dict,
 )
 
@@ -51,9 +52,9 @@ def _abbreviate(names: List[str], limit: int = 6) -> str:
 def read_init_checkpoint(path: str, arch: str, k_size: KernelSpec) -> Tuple[Checkpoint, KernelSpec]:
     """Read ``--init-from`` and return it with the kernel sizes the new model should have.
 
-    Welcome are a file of ``arch`` itself, one whose every tensor ``arch`` has
-    (a plain ResNet's for an SE-, CBAM- or ECA-ResNet of its depth: only the
-    attention starts new), and one of no architecture here. One holding another
+    Welcome are a file of ``arch`` itself, one of the same network without
+    attention (a plain ResNet's for an SE-, CBAM- or ECA-ResNet of its depth: only
+    the attention starts new), and one of no architecture here. One holding another
     architecture is a mistake that would leave most of the model untrained, and
     ECA kernels other than an explicit ``--ksize`` contradict what was asked:
     say so instead of silently loading only the tensors that happen to fit.
@@ -67,7 +68,7 @@ def read_init_checkpoint(path: str, arch: str, k_size: KernelSpec) -> Tuple[Chec
         check_kernel_sizes(arch, k_size, found, ckpt)
         return ckpt, k_size
     candidates = architecture_candidates(ckpt.state_dict)
-    if not candidates or extends(arch, ckpt.state_dict):
+    if not candidates or models.PLAIN_COUNTERPARTS[arch] in candidates:
         return ckpt, k_size
     held = identify_architecture(ckpt.state_dict, ckpt.arch_tag)
     choices = [held] if held else candidates

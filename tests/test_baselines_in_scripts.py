@@ -115,10 +115,13 @@ def test_init_from_torchvision_resnet18_leaves_only_the_attention_new(tmp_path):
         assert not report.mismatched and not report.unused
 
 
-def test_init_from_another_attention_names_what_the_file_holds(tmp_path):
+def test_init_from_another_attention_or_depth_names_what_the_file_holds(tmp_path):
     path = save(tmp_path / "se.pth", "se_resnet18", tag="se_resnet18")
     with pytest.raises(UsageError, match="holds se_resnet18 weights, not eca_resnet18: run with -a se_resnet18"):
         read_init_checkpoint(path, "eca_resnet18", None)
+    plain = save(tmp_path / "resnet18.pth", "resnet18")
+    with pytest.raises(UsageError, match="holds resnet18 weights, not se_resnet34"):
+        read_init_checkpoint(plain, "se_resnet34", None)
 
 
 def test_safetensors_keep_the_arch_that_tells_same_tensors_apart(tmp_path, capsys):
