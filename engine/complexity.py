@@ -1,4 +1,4 @@
-"""Parameters and FLOPs of the ECA models, counted the way the original README counted them.
+"""Parameters and FLOPs of every model, counted the way the original README counted the ECA models.
 
 The README's figures come from ``thop.profile`` on a 1x3x224x224 input, shown
 with 1024-based units (params / 2^20, multiply-accumulates / 2^30). Today's
