@@ -111,7 +111,10 @@ def architecture_of(ckpt: "Checkpoint") -> str:
         return arch
     candidates = architecture_candidates(ckpt.state_dict)
     if not candidates:
-        raise UsageError(f"{ckpt.path!r} holds the weights of no architecture here; choose from {', '.join(models.ARCHITECTURES)}")
+        raise UsageError(
+            f"{ckpt.path!r} holds the weights of none of the architectures -a offers; "
+            "--init-from starts a new run from whichever of its tensors match"
+        )
     tag = f"its arch field says {ckpt.arch_tag!r}" if ckpt.arch_tag else "it has no arch field"
     raise UsageError(
         f"{ckpt.path!r} holds tensors that fit {' and '.join(candidates)} alike, and {tag}: "

@@ -40,6 +40,7 @@ from engine.config import ArgumentParser, require_at_least  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
 from models import fuse_eca  # noqa: E402
 from models.fused import IMPLS  # noqa: E402
+from models.fused.dispatch import check_impl  # noqa: E402
 from models.kernel_sizes import format_kernel_sizes  # noqa: E402
 
 REFERENCE = "ResNet"
@@ -240,6 +241,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         require_at_least(args, 1, "iterations")
     runs = match_runs(args.runs, args.depth)
     check_output(args.output)
+    try:
+        check_impl(args.eca_impl)
+    except RuntimeError as error:  # triton where it cannot run: said in one line, before anything is measured
+        raise UsageError(str(error)) from None
     setting = make_setting(args)
     if args.iterations is None:
         args.iterations = 20 if setting.device.type == "cuda" else 1

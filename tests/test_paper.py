@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import models
 from conftest import ROOT
@@ -115,6 +116,13 @@ def test_paper_table_refuses_bad_runs_before_measuring(launch, tmp_path, make, m
 def test_paper_table_refuses_an_output_it_cannot_draw(launch, tmp_path):
     result = launch("scripts/paper_table.py", "--output", tmp_path / "table3.xyz")
     assert result.returncode == 2 and "name a file ending in one of" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton can run here")
+def test_paper_table_refuses_triton_where_it_cannot_run_in_one_line(launch):
+    result = launch("scripts/paper_table.py", "--eca-impl", "triton")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--eca-impl triton cannot run here" in result.stderr
 
 
 # ---------------------------------------------------------------- configs/paper: one YAML per experiment
