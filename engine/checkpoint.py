@@ -18,7 +18,7 @@ import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn

@@ -10,6 +10,7 @@ import export
 import loader_benchmark
 import make_demo_data
 import models
+import paper_table
 import paras_flops
 import predict
 from engine.checkpoint import Checkpoint
@@ -25,6 +26,7 @@ PARSERS = {
     "scripts/convert.py": convert.build_parser,
     "scripts/make_demo_data.py": make_demo_data.build_parser,
     "scripts/loader_benchmark.py": loader_benchmark.build_parser,
+    "scripts/paper_table.py": paper_table.build_parser,
 }
 
 
