@@ -7,12 +7,10 @@ loads on a CPU-only machine, and the ``module.`` / ``_orig_mod.`` prefixes of
 DataParallel, DDP and ``torch.compile`` stripped. The released files are
 legacy-format pickles of ``{epoch, arch, state_dict, best_prec1, optimizer}``
 whose ``arch`` is not reliable, so the architecture and every ECA kernel size
-are read from the tensors themselves. A ``.safetensors`` file (see
+are read from the tensors themselves (:mod:`engine.identify`). A ``.safetensors`` file (see
 :mod:`engine.weights_file`) reads into the same :class:`Checkpoint`, its
 contents built from its metadata and checked against its tensors.
 """
-import functools
-import logging
 import os
 import pickle
 import re
@@ -20,22 +18,24 @@ import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 import models
-from models.kernel_sizes import KernelSpec, format_kernel_sizes
+from models.kernel_sizes import KernelSpec
 from models.state_dicts import strip_wrapper_prefixes
 
 from .errors import UsageError
+from .identify import (
+    _reference_shapes, architecture_of, check_fits_architecture, check_kernel_sizes, check_ksize_applies, construct,
+    fits, identify_architecture, kernel_sizes_from_state_dict, num_classes_from_state_dict,
+)
 from .weights_file import (
     IMAGE_SIZES, SUFFIX, encode_metadata, file_sha256, is_weights_file, read_weights_file, weights_file_bytes,
 )
 
-logger = logging.getLogger(__name__)
 
 @dataclass
 class Checkpoint:
@@ -151,126 +151,18 @@ def _refused_global(message: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-# --- which architecture, kernel sizes and class count a state_dict fits -------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_shapes(arch: str, num_classes: int = 1000) -> Mapping[str, Tuple[int, ...]]:
-    """Parameter names and shapes of ``arch``, read-only: built once per process on the meta device.
-
-    Identifying the architecture of a file compares it with all six, and
-    ResNet-152 takes a noticeable moment to build even without memory.
-    """
-    with torch.device("meta"):
-        model = models.ARCHITECTURES[arch](num_classes=num_classes)
-    return MappingProxyType({k: tuple(v.shape) for k, v in model.state_dict().items()})
-
-
-def _comparable_keys(keys) -> set:
-    # BatchNorm's step counter is absent from files written before PyTorch 0.4.1 and carries no weights.
-    return {k for k in keys if not k.endswith("num_batches_tracked")}
-
-
-def has_names_of(arch: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether the state_dict's parameter names are exactly ``arch``'s."""
-    return _comparable_keys(_reference_shapes(arch)) == _comparable_keys(state_dict)
-
-
-def identify_architecture(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The architecture whose parameter names equal the state_dict's, or None."""
-    return next((arch for arch in models.ARCHITECTURES if has_names_of(arch, state_dict)), None)
-
-
-def eca_kernel_keys(arch: str, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
-    """The ECA kernel names of ``state_dict`` in network order."""
-    order = list(_reference_shapes(arch))
-    return [k for k in order if k.endswith("eca.conv.weight") or _is_mobilenet_eca(arch, k)]
-
-
-def _is_mobilenet_eca(arch: str, key: str) -> bool:
-    parts = key.split(".")
-    # features.<block>.conv.<last>.conv.weight: the ECA layer closing an inverted residual block.
-    return arch == "eca_mobilenet_v2" and len(parts) == 6 and parts[2] == "conv" and parts[4:] == ["conv", "weight"]
-
-
-def kernel_sizes_from_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, ...]:
-    """Kernel sizes as the constructor takes them: per stage for ResNets, per block for MobileNetV2."""
-    keys = eca_kernel_keys(arch, state_dict)
-    if arch == "eca_mobilenet_v2":
-        return tuple(int(state_dict[k].shape[-1]) for k in keys)
-    per_stage: Dict[str, int] = {}
-    for key in keys:
-        stage, size = key.split(".")[0], int(state_dict[key].shape[-1])
-        if per_stage.setdefault(stage, size) != size:
-            raise UsageError(
-                f"{key} has kernel size {size} but other ECA layers of {stage} have {per_stage[stage]}: "
-                "one kernel size per stage is supported"
-            )
-    return tuple(per_stage[f"layer{i}"] for i in range(1, 5))
-
-
-def num_classes_from_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int:
-    head = "classifier.1.weight" if arch == "eca_mobilenet_v2" else "fc.weight"
-    return int(state_dict[head].shape[0])
-
-
-def classifier_prefix(arch: str) -> str:
-    return "classifier.1." if arch == "eca_mobilenet_v2" else "fc."
-
-
-def resolve_kernel_sizes(arch: str, k_size: KernelSpec) -> Tuple[int, ...]:
-    """The per-stage (or per-block) kernel sizes ``-a arch --ksize k_size`` builds."""
-    with torch.device("meta"):
-        return models.ARCHITECTURES[arch](k_size=k_size, num_classes=1).kernel_sizes
-
-
-def check_kernel_sizes(arch: str, k_size: KernelSpec, found: Tuple[int, ...], ckpt: Checkpoint) -> None:
-    try:
-        wanted = resolve_kernel_sizes(arch, k_size)
-    except ValueError as error:
-        raise UsageError(f"--ksize: {error}") from None
-    if tuple(wanted) == tuple(found):
-        return
-    keys = eca_kernel_keys(arch, ckpt.state_dict)
-    for key in keys:
-        index = int(key.split(".")[1]) - 1 if arch == "eca_mobilenet_v2" else int(key[len("layer")]) - 1
-        if wanted[index] != found[index]:
-            raise UsageError(
-                f"--ksize {k_size} asks for kernel size {wanted[index]} at {key}, but {ckpt.path!r} has "
-                f"{found[index]} there (the file's sizes: {format_kernel_sizes(found)}); "
-                "drop --ksize to use the file's kernel sizes"
-            )
-
-
-def check_fits_architecture(arch: str, ckpt: Checkpoint) -> None:
-    """Raise :class:`UsageError` naming the right ``-a`` when the file holds another architecture."""
-    if has_names_of(arch, ckpt.state_dict):
-        if ckpt.arch_tag and ckpt.arch_tag != arch:
-            logger.warning(
-                "warning: %s says arch %r, but its tensors are %s's; loading them as %s",
-                ckpt.path, ckpt.arch_tag, arch, arch,
-            )
-        return
-    actual = identify_architecture(ckpt.state_dict)
-    if actual:
-        raise UsageError(f"{ckpt.path!r} holds {actual} weights, not {arch}: run with -a {actual}")
-    reference = _comparable_keys(_reference_shapes(arch))
-    missing = sorted(reference - set(ckpt.state_dict))[:3]
-    unexpected = sorted(set(ckpt.state_dict) - reference)[:3]
-    raise UsageError(
-        f"{ckpt.path!r} does not hold {arch} weights (missing e.g. {missing}, unexpected e.g. {unexpected}); "
-        "use --init-from to load only the tensors that match"
-    )
+# --- building the model a file fits ------------------------------------------------------------
 
 
 def build_model(arch: str, k_size: KernelSpec = None, num_classes: int = 1000) -> nn.Module:
-    """A fresh model; bad kernel sizes or an unknown name become a :class:`UsageError`."""
+    """A fresh model; bad kernel sizes, ``--ksize`` without ECA layers or an unknown name become a :class:`UsageError`."""
     if arch not in models.ARCHITECTURES:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(models.ARCHITECTURES)}")
     if num_classes < 1:
         raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
+    check_ksize_applies(arch, k_size)
     try:
-        return models.ARCHITECTURES[arch](k_size=k_size, num_classes=num_classes)
+        return construct(arch, k_size, num_classes)
     except ValueError as error:
         raise UsageError(f"--ksize: {error}") from None
 
@@ -288,13 +180,12 @@ def model_from_checkpoint(
 ) -> nn.Module:
     """Build the model ``ckpt`` fits, with its kernel sizes and class count, and load it strictly.
 
-    ``arch`` None means: whichever architecture the tensors fit. A ``k_size``
+    ``arch`` None means: whichever architecture the tensors fit (their ``arch``
+    field deciding between architectures with the same tensors). A ``k_size``
     or ``num_classes`` that disagrees with the file is a :class:`UsageError`.
     """
     if arch is None:
-        arch = ckpt.arch_tag if ckpt.holds_weights_only else identify_architecture(ckpt.state_dict)
-        if arch is None:
-            raise UsageError(f"{ckpt.path!r} holds no known ECA architecture's weights")
+        arch = architecture_of(ckpt)
     check_fits_architecture(arch, ckpt)
     kernel_sizes = kernel_sizes_from_state_dict(arch, ckpt.state_dict)
     if k_size is not None:
@@ -305,7 +196,7 @@ def model_from_checkpoint(
             f"{ckpt.path!r} has {file_classes} classes but this run has {num_classes}: "
             "evaluate on data with the same classes, or fine-tune with --init-from"
         )
-    model = models.ARCHITECTURES[arch](k_size=kernel_sizes, num_classes=file_classes)
+    model = construct(arch, kernel_sizes or None, num_classes=file_classes)
     state_dict = dict(ckpt.state_dict)
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked"):
@@ -343,30 +234,37 @@ def _read_weights_checkpoint(path: str, map_location: Any) -> Checkpoint:
 
 
 def _checked_description(
-    path: str, state_dict: Mapping[str, torch.Tensor], described: Dict[str, Any]
+    path: str, state_dict: Mapping[str, torch.Tensor], described: Dict[str, Any], arch_tag: Optional[str] = None
 ) -> Dict[str, Any]:
     """``described`` with arch, kernel sizes and class count filled in from the tensors where absent.
 
     An entry that contradicts the tensors means the file was altered, or its
     description belongs to other weights: refused, since every tool trusts it.
+    ``arch_tag`` (a ``.pth.tar``'s own ``arch``) decides only between
+    architectures whose tensors are the same.
     """
     arch = described.get("arch")
     if arch is None:
-        arch = identify_architecture(state_dict)
-    elif arch not in models.ARCHITECTURES or not has_names_of(arch, state_dict):
+        arch = identify_architecture(state_dict, arch_tag)
+    elif arch not in models.ARCHITECTURES or not fits(arch, state_dict):
         actual = identify_architecture(state_dict) or "no known architecture"
         raise UsageError(
             f"{path!r} says arch {arch!r} in its metadata but holds {actual}'s tensors: "
             "the file was altered; convert it again from its source"
         )
     if arch is None:
-        return described  # e.g. a torchvision ResNet's weights: fine for --init-from
+        # A foreign network's weights, or a torchvision ResNet-50's (the same tensors as SE-Var1's):
+        # fine for --init-from, or with -a.
+        return described
+    kernel_sizes = kernel_sizes_from_state_dict(arch, state_dict)
     found = {
         "arch": arch,
-        "kernel_sizes": list(kernel_sizes_from_state_dict(arch, state_dict)),
+        "kernel_sizes": list(kernel_sizes) if kernel_sizes else None,
         "num_classes": num_classes_from_state_dict(arch, state_dict),
     }
     for key, value in found.items():
+        if value is None and described.get(key) is None:
+            continue
         if described.setdefault(key, value) != value:
             raise UsageError(
                 f"{path!r} says {key} {described[key]} in its metadata but its tensors have {value}: "
@@ -385,7 +283,8 @@ def describe(ckpt: Checkpoint) -> Dict[str, Any]:
     """What a weights file says of ``ckpt``: arch, kernel sizes, classes from its tensors, the rest from its contents.
 
     A ``.pth.tar``'s own ``arch`` is not trusted (a released file says
-    ``se_resnet50``); a weights file's was checked when it was read.
+    ``se_resnet50``) beyond telling apart architectures with the same tensors;
+    a weights file's was checked when it was read.
     """
     not_tensors = [key for key, value in ckpt.state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
@@ -396,7 +295,7 @@ def describe(ckpt: Checkpoint) -> Dict[str, Any]:
         described["best_prec1"] = as_float(described["best_prec1"])
     if isinstance(described.get("args"), Mapping):
         described["args"] = {name: described["args"][name] for name in IMAGE_SIZES if name in described["args"]}
-    return _checked_description(ckpt.path, ckpt.state_dict, described)
+    return _checked_description(ckpt.path, ckpt.state_dict, described, arch_tag=ckpt.arch_tag)
 
 
 def save_weights_file(ckpt: Checkpoint, path: str) -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Parameters and FLOPs of the ECA models, counted the way the original README counted them.
+"""Parameters and FLOPs of every model, counted the way the original README counted the ECA models.
 
 The README's figures come from ``thop.profile`` on a 1x3x224x224 input, shown
 with 1024-based units (params / 2^20, multiply-accumulates / 2^30). Today's
@@ -21,6 +21,15 @@ They reproduce every figure of the README table but ECA-ResNet-152's: 10.84G
 and 57.40M here, 10.83G and 57.41M there (its exact parameter count,
 60,193,042, is 57.40 x 2^20, so the README's params figure is off as well).
 
+The comparison networks count by the same rules, plus two for what only CBAM
+has: adaptive max pooling costs its window per output element (as max pooling
+does), and CBAM's pooling across channels costs ``(C + 1)`` per position for the
+mean (as average pooling) and ``C`` for the maximum. CBAM's shared MLP runs once
+on both descriptors stacked, so it is counted for both. That makes CBAM-ResNet-50
+3.89G where the paper's Table 3 says 3.87G, its SE-ResNet-50's figure: a count
+that skips CBAM's poolings (functional calls, which thop never sees) and counts
+its MLP once.
+
 The ECA layers are counted explicitly, layer by layer, rather than through
 hooks on their ``avg_pool`` / ``conv`` submodules, so that a fused model
 (``models.fuse_eca``), which never calls those submodules, counts the same. Each layer over C channels of an H x W map costs
@@ -31,6 +40,7 @@ For ECA-ResNet-50 (k3557) that is 86,272 + 5,534,464 = 5.2e-3 G (binary); the
 paper's 4.7e-4 GFLOPs matches neither part, and its counting is not stated.
 """
 import copy
+import functools
 import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -39,8 +49,11 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+import models
+from models.cbam import ChannelPool
+from models.eca_mobilenetv2 import default_block_kernel_sizes
 from models.eca_module import eca_layer
-from models.kernel_sizes import KernelSpec
+from models.kernel_sizes import KernelSpec, format_kernel_sizes
 
 from .checkpoint import build_model
 from .errors import UsageError
@@ -48,8 +61,9 @@ from .errors import UsageError
 __all__ = [
     "EcaLayerCost",
     "Complexity",
-    "ReadmeRow",
+    "PublishedRow",
     "README_TABLE",
+    "PAPER_TABLE3",
     "build_model",
     "count_complexity",
     "count_macs",
@@ -65,8 +79,8 @@ DECIMAL_UNITS = "1000-based: M = 10^6, G = 10^9"
 
 
 @dataclass(frozen=True)
-class ReadmeRow:
-    """One row of the original README's table of released models."""
+class PublishedRow:
+    """One row of a published table, binary units: the original README's released models, or the paper's Table 3."""
 
     arch: str
     k_size: Optional[str]
@@ -74,13 +88,20 @@ class ReadmeRow:
     flops: str
 
 
-README_TABLE: Tuple[ReadmeRow, ...] = (
-    ReadmeRow("eca_resnet18", "3577", "11.15M", "1.70G"),
-    ReadmeRow("eca_resnet34", "3357", "20.79M", "3.43G"),
-    ReadmeRow("eca_resnet50", "3557", "24.37M", "3.86G"),
-    ReadmeRow("eca_resnet101", "3357", "42.49M", "7.35G"),
-    ReadmeRow("eca_resnet152", "3357", "57.41M", "10.83G"),
-    ReadmeRow("eca_mobilenet_v2", None, "3.34M", "319.9M"),
+README_TABLE: Tuple[PublishedRow, ...] = (
+    PublishedRow("eca_resnet18", "3577", "11.15M", "1.70G"),
+    PublishedRow("eca_resnet34", "3357", "20.79M", "3.43G"),
+    PublishedRow("eca_resnet50", "3557", "24.37M", "3.86G"),
+    PublishedRow("eca_resnet101", "3357", "42.49M", "7.35G"),
+    PublishedRow("eca_resnet152", "3357", "57.41M", "10.83G"),
+    PublishedRow("eca_mobilenet_v2", None, "3.34M", "319.9M"),
+)
+# The paper's Table 3 on ResNet-50: ResNet, SENet, CBAM and ECA-Net.
+PAPER_TABLE3: Tuple[PublishedRow, ...] = (
+    PublishedRow("resnet50", None, "24.37M", "3.86G"),
+    PublishedRow("se_resnet50", None, "26.77M", "3.87G"),
+    PublishedRow("cbam_resnet50", None, "26.77M", "3.87G"),
+    PublishedRow("eca_resnet50", "3557", "24.37M", "3.86G"),
 )
 
 
@@ -109,12 +130,15 @@ class EcaLayerCost:
 @dataclass(frozen=True)
 class Complexity:
     arch: str
-    kernel_sizes: Tuple[int, ...]
+    kernel_sizes: Tuple[int, ...]  # () without ECA layers
     input_size: int
     num_classes: int
     params: int
     macs: int
     eca_layers: Tuple[EcaLayerCost, ...]
+    # What the architecture adds to its network without attention (``models.PLAIN_COUNTERPARTS``).
+    added_params: int = 0
+    added_macs: int = 0
 
     @property
     def eca_params(self) -> int:
@@ -169,6 +193,17 @@ def _count_adaptive_avg_pool(module: nn.Module, inputs: Tuple[torch.Tensor, ...]
     _set_ops(module, (window + 1) * output.numel())
 
 
+def _count_adaptive_max_pool(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    window = inputs[0].shape[2:].numel() // output.shape[2:].numel()
+    _set_ops(module, window * output.numel())
+
+
+def _count_channel_pool(module: ChannelPool, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    # The mean over C channels at each position ((C + 1) ops, as average pooling), then the maximum (C).
+    batch, channels, height, width = inputs[0].shape
+    _set_ops(module, (2 * channels + 1) * batch * height * width)
+
+
 def _count_linear(module: nn.Linear, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
     _set_ops(module, (2 * module.in_features - 1) * output.numel())
 
@@ -188,6 +223,8 @@ README_RULES: Mapping[type, CountRule] = MappingProxyType({
     nn.MaxPool2d: _count_max_pool,
     nn.AvgPool2d: _count_avg_pool,
     nn.AdaptiveAvgPool2d: _count_adaptive_avg_pool,
+    nn.AdaptiveMaxPool2d: _count_adaptive_max_pool,
+    ChannelPool: _count_channel_pool,
     nn.Linear: _count_linear,
     eca_layer: _counted_separately,
 })
@@ -266,29 +303,48 @@ def count_macs(model: nn.Module, input_size: int = 224) -> Tuple[int, Tuple[EcaL
     return _count_in_place(copy.deepcopy(model).to("meta"), input_size)
 
 
-def count_complexity(
-    arch: str, k_size: KernelSpec = None, input_size: int = 224, num_classes: int = 1000
-) -> Complexity:
-    """Parameters and README-convention FLOPs of ``arch`` on one ``input_size`` square image.
+@functools.lru_cache(maxsize=None)
+def _plain_counts(arch: str, input_size: int, num_classes: int) -> Tuple[int, int]:
+    """Parameters and FLOPs of a network without attention: the baseline of every count of its variants."""
+    _, params, macs, _ = _count_architecture(arch, None, input_size, num_classes)
+    return params, macs
 
-    The model is built for the count and thrown away, so thop's leftovers do not
-    matter, and it is built on the meta device: shapes without data, so that even
-    ECA-ResNet-152 counts in well under a second.
-    """
-    if input_size < 1:
-        raise UsageError(f"--input-size must be at least 1, got {input_size}")
+
+def _count_architecture(
+    arch: str, k_size: KernelSpec, input_size: int, num_classes: int
+) -> Tuple[Tuple[int, ...], int, int, Tuple[EcaLayerCost, ...]]:
     with torch.device("meta"):
         model = build_model(arch, k_size, num_classes)
     params = sum(p.numel() for p in model.parameters())
     macs, eca_costs = _count_in_place(model, input_size)
+    return tuple(model.kernel_sizes), params, macs, eca_costs
+
+
+def count_complexity(
+    arch: str, k_size: KernelSpec = None, input_size: int = 224, num_classes: int = 1000
+) -> Complexity:
+    """Parameters and README-convention FLOPs of ``arch`` on one ``input_size`` square image, and what its attention adds.
+
+    The model is built for the count and thrown away, so thop's leftovers do not
+    matter, and it is built on the meta device: shapes without data, so that even
+    ECA-ResNet-152 counts in well under a second. What the attention adds is the
+    difference to the same network without it, counted the same way.
+    """
+    if input_size < 1:
+        raise UsageError(f"--input-size must be at least 1, got {input_size}")
+    kernel_sizes, params, macs, eca_costs = _count_architecture(arch, k_size, input_size, num_classes)
+    plain = models.PLAIN_COUNTERPARTS[arch]
+    plain_params, plain_macs = _plain_counts(plain, input_size, num_classes) if plain != arch else (params, macs)
     return Complexity(
         arch=arch,
-        kernel_sizes=tuple(model.kernel_sizes),
+        kernel_sizes=kernel_sizes,
         input_size=input_size,
         num_classes=num_classes,
         params=params,
         macs=macs,
         eca_layers=eca_costs,
+        added_params=params - plain_params,
+        added_macs=macs - plain_macs,
     )
 
 
@@ -315,24 +371,40 @@ def _kernel_text(kernel_sizes: Sequence[int]) -> str:
     return ",".join(map(str, kernel_sizes))
 
 
+def _published(arch: str, table: Sequence[PublishedRow]) -> Optional[PublishedRow]:
+    return next((row for row in table if row.arch == arch), None)
+
+
 def format_report(result: Complexity) -> str:
     eca_ops = result.eca_conv_macs + result.eca_pool_ops
+    kernels = f"ECA kernel sizes {_kernel_text(result.kernel_sizes)}" if result.kernel_sizes else "no ECA layers"
     lines = [
-        f"{result.arch}: ECA kernel sizes {_kernel_text(result.kernel_sizes)}, "
-        f"input 1x3x{result.input_size}x{result.input_size}, {result.num_classes} classes",
+        f"{result.arch}: {kernels}, input 1x3x{result.input_size}x{result.input_size}, {result.num_classes} classes",
         f"parameters: {result.params:,}",
         f"  {format_binary(result.params):>9}  binary  ({BINARY_UNITS}; the original README's units)",
         f"  {format_decimal(result.params):>9}  decimal ({DECIMAL_UNITS})",
         f"FLOPs: {result.macs:,} multiply-accumulates (thop, with the rules behind the README's figures)",
         f"  {format_binary(result.macs):>9}  binary  ({BINARY_UNITS}; the original README's units)",
         f"  {format_decimal(result.macs):>9}  decimal ({DECIMAL_UNITS})",
-        f"ECA layers alone ({len(result.eca_layers)} layers), included in the totals above:",
-        f"  parameters: {result.eca_params:,} (the sum of their kernel sizes)",
-        f"  FLOPs: {eca_ops:,} = {eca_ops / BINARY_GIGA:.2e}G binary = {eca_ops / 1e9:.2e}G decimal, of which",
-        f"    channel convolution: {result.eca_conv_macs:,} MACs (k x C per layer)",
-        f"    average pooling: {result.eca_pool_ops:,} ops ((H x W + 1) x C per layer)",
-        "    not counted: the sigmoid and the x * gate rescale (thop never counted them)",
     ]
+    paper = _published(result.arch, PAPER_TABLE3)
+    if paper is not None and (result.input_size, result.num_classes) == (224, 1000):
+        lines.append(f"the paper's Table 3 (binary): {paper.params} parameters, {paper.flops} FLOPs")
+    plain = models.PLAIN_COUNTERPARTS[result.arch]
+    if plain != result.arch:
+        lines.append(
+            f"added to {plain} by the attention: {result.added_params:,} parameters, {result.added_macs:,} FLOPs "
+            f"= {result.added_macs / BINARY_GIGA:.2e}G binary = {result.added_macs / 1e9:.2e}G decimal"
+        )
+    if result.eca_layers:
+        lines += [
+            f"ECA layers alone ({len(result.eca_layers)} layers), included in the totals above:",
+            f"  parameters: {result.eca_params:,} (the sum of their kernel sizes)",
+            f"  FLOPs: {eca_ops:,} = {eca_ops / BINARY_GIGA:.2e}G binary = {eca_ops / 1e9:.2e}G decimal, of which",
+            f"    channel convolution: {result.eca_conv_macs:,} MACs (k x C per layer)",
+            f"    average pooling: {result.eca_pool_ops:,} ops ((H x W + 1) x C per layer)",
+            "    not counted: the sigmoid and the x * gate rescale (thop never counted them)",
+        ]
     return "\n".join(lines)
 
 
@@ -342,24 +414,39 @@ def _agrees(ours: str, readme: str) -> bool:
     return ours[-1] == readme[-1] and f"{float(ours[:-1]):.{digits}f}" == readme[:-1]
 
 
-def format_table(rows: Sequence[Tuple[ReadmeRow, Complexity]]) -> str:
+def _ksize_label(result: Complexity) -> str:
+    if not result.kernel_sizes:
+        return "-"
+    if result.arch == "eca_mobilenet_v2" and result.kernel_sizes == default_block_kernel_sizes():
+        return "k13"
+    return format_kernel_sizes(result.kernel_sizes)
+
+
+def format_table(rows: Sequence[Tuple[Optional[PublishedRow], Complexity]], source: str = "README") -> str:
+    """Our counts beside a published table's (``source``: "README" or "paper"); rows without published figures show '-'."""
     header = (
-        f"{'model':<17} {'ksize':<6} {'parameters':>11} {'binary':>8} {'README':>8} {'decimal':>8}   "
-        f"{'MACs':>14} {'binary':>8} {'README':>8} {'decimal':>8}  agree"
+        f"{'model':<17} {'ksize':<6} {'parameters':>11} {'binary':>8} {source:>8} {'decimal':>8}   "
+        f"{'MACs':>14} {'binary':>8} {source:>8} {'decimal':>8}  agree"
     )
     lines = [
         f"binary: {BINARY_UNITS} (the original README's units); decimal: {DECIMAL_UNITS}",
         header,
         "-" * len(header),
     ]
-    for readme, result in rows:
+    for published, result in rows:
         binary_params = format_binary(result.params)
         # The README gives MobileNetV2's FLOPs to one decimal, the ResNets' to two.
-        binary_macs = format_binary(result.macs, digits=1 if readme.flops.endswith("M") else 2)
-        agree = _agrees(binary_params, readme.params) and _agrees(binary_macs, readme.flops)
+        one_decimal = published is not None and published.flops.endswith("M")
+        binary_macs = format_binary(result.macs, digits=1 if one_decimal else 2)
+        if published is None:
+            their_params = their_flops = "-"
+            agree = ""
+        else:
+            their_params, their_flops = published.params, published.flops
+            agree = "yes" if _agrees(binary_params, their_params) and _agrees(binary_macs, their_flops) else "NO"
         lines.append(
-            f"{result.arch:<17} {readme.k_size or 'k13':<6} {result.params:>11,} {binary_params:>8} "
-            f"{readme.params:>8} {format_decimal(result.params):>8}   {result.macs:>14,} {binary_macs:>8} "
-            f"{readme.flops:>8} {format_decimal(result.macs):>8}  {'yes' if agree else 'NO'}"
+            f"{result.arch:<17} {_ksize_label(result):<6} {result.params:>11,} {binary_params:>8} "
+            f"{their_params:>8} {format_decimal(result.params):>8}   {result.macs:>14,} {binary_macs:>8} "
+            f"{their_flops:>8} {format_decimal(result.macs):>8}  {agree}".rstrip()
         )
     return "\n".join(lines)

@@ -17,9 +17,10 @@ from models.kernel_sizes import parse_kernel_sizes
 
 from models.fused import IMPLS as ECA_IMPLS
 
-from .checkpoint import Checkpoint, identify_architecture
+from .checkpoint import Checkpoint
 from .data.transforms import DEFAULT_CROP_SIZE, evaluation_sizes, saved_size
 from .errors import UsageError
+from .identify import architecture_of, check_ksize_applies
 
 # The two recipes of the paper (SPEC: Recipes). The scripts differ only in these.
 RECIPES: Dict[str, Dict[str, Any]] = {
@@ -197,6 +198,7 @@ def parse_args(recipe: str, argv: Optional[Sequence[str]] = None) -> argparse.Na
 def validate(args: argparse.Namespace) -> None:
     """Errors that need no data, no device and no file: one line each, before anything starts."""
     if args.ksize is not None and args.arch is not None:
+        check_ksize_applies(args.arch, args.ksize)
         try:
             parse_kernel_sizes(args.ksize, count=kernel_count(args.arch))
         except ValueError as error:
@@ -263,9 +265,8 @@ def resolve_config(args: argparse.Namespace, ckpt: Optional[Checkpoint], dist_ur
     contents = ckpt.contents if ckpt is not None else {}
     resolved = dict(vars(args))
     if resolved["arch"] is None:
-        resolved["arch"] = identify_architecture(ckpt.state_dict) if ckpt is not None else None
-        if resolved["arch"] is None:
-            raise UsageError(f"{ckpt.path!r} holds no known ECA architecture's weights")
+        # parse_args defaults it but with --resume: then the file's tensors (and arch field) say.
+        resolved["arch"] = architecture_of(ckpt)
     resolved["val_resize_size"], resolved["val_crop_size"] = evaluation_sizes(
         args.val_resize_size, args.val_crop_size, contents, flags=("--val-resize-size", "--val-crop-size")
     )

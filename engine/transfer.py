@@ -11,13 +11,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+import models
 from models.kernel_sizes import KernelSpec
 
-from .checkpoint import (
-    Checkpoint, check_kernel_sizes, classifier_prefix, identify_architecture, kernel_sizes_from_state_dict,
-    read_checkpoint,
-)
+from .checkpoint import Checkpoint, read_checkpoint
 from .errors import UsageError
+from .identify import (
+    architecture_candidates, check_kernel_sizes, classifier_prefix, fits, identify_architecture,
+    kernel_sizes_from_state_dict,
+)
 
 
 @dataclass
@@ -50,24 +52,30 @@ def _abbreviate(names: List[str], limit: int = 6) -> str:
 def read_init_checkpoint(path: str, arch: str, k_size: KernelSpec) -> Tuple[Checkpoint, KernelSpec]:
     """Read ``--init-from`` and return it with the kernel sizes the new model should have.
 
-    Any file is welcome (a plain torchvision ResNet has no ECA layer to disagree
-    with), but one holding another ECA architecture is a mistake that would
-    leave most of the model untrained, and ECA kernels other than an explicit
-    ``--ksize`` contradict what was asked: say so instead of silently loading
-    only the tensors that happen to fit. Without ``--ksize`` a file of the same
-    architecture brings its own kernel sizes.
+    Welcome are a file of ``arch`` itself, one of the same network without
+    attention (a plain ResNet's for an SE-, CBAM- or ECA-ResNet of its depth: only
+    the attention starts new), and one of no architecture here. One holding another
+    architecture is a mistake that would leave most of the model untrained, and
+    ECA kernels other than an explicit ``--ksize`` contradict what was asked:
+    say so instead of silently loading only the tensors that happen to fit.
+    Without ``--ksize`` a file of the same architecture brings its own kernel sizes.
     """
     ckpt = read_checkpoint(path)
-    file_arch = identify_architecture(ckpt.state_dict)
-    if file_arch is None:
+    if fits(arch, ckpt.state_dict):
+        found = kernel_sizes_from_state_dict(arch, ckpt.state_dict)
+        if k_size is None:
+            return ckpt, found or None
+        check_kernel_sizes(arch, k_size, found, ckpt)
         return ckpt, k_size
-    if file_arch != arch:
-        raise UsageError(f"--init-from {path!r} holds {file_arch} weights, not {arch}: run with -a {file_arch}")
-    found = kernel_sizes_from_state_dict(arch, ckpt.state_dict)
-    if k_size is None:
-        return ckpt, found
-    check_kernel_sizes(arch, k_size, found, ckpt)
-    return ckpt, k_size
+    candidates = architecture_candidates(ckpt.state_dict)
+    if not candidates or models.PLAIN_COUNTERPARTS[arch] in candidates:
+        return ckpt, k_size
+    held = identify_architecture(ckpt.state_dict, ckpt.arch_tag)
+    choices = [held] if held else candidates
+    raise UsageError(
+        f"--init-from {path!r} holds {' or '.join(choices)} weights, not {arch}: "
+        f"run with {' or '.join(f'-a {choice}' for choice in choices)}"
+    )
 
 
 def initialize_from(model: nn.Module, arch: str, path: str, ckpt: Optional[Checkpoint] = None) -> InitReport:

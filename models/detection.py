@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from .eca_resnet import ResNet, eca_resnet18, eca_resnet34, eca_resnet50, eca_resnet101, eca_resnet152
+from .eca_resnet import eca_resnet18, eca_resnet34, eca_resnet50, eca_resnet101, eca_resnet152
 from .kernel_sizes import KernelSpec
+from .resnet import ResNet
 from .state_dicts import strip_wrapper_prefixes
 
 if TYPE_CHECKING:

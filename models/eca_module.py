@@ -30,6 +30,9 @@ class eca_layer(nn.Module):
     checkpoints load unchanged.
     """
 
+    # A block keeps it as ``eca``: the released checkpoints' ``layer1.0.eca.conv.weight``.
+    attribute_name = "eca"
+
     def __init__(self, channel: int, k_size: int = 3):
         super().__init__()
         if k_size < 1 or k_size % 2 == 0:

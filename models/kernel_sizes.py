@@ -93,7 +93,10 @@ def format_kernel_sizes(sizes: Sequence[int]) -> str:
     """Kernel sizes as ``--ksize`` takes them back: the original's digits for a ResNet's four stages ('3557'), else commas.
 
     Commas once a kernel has two digits, and for MobileNetV2's 17 blocks, whose
-    run of digits ('11111111113333333') nobody could read.
+    run of digits ('11111111113333333') nobody could read. A network without
+    ECA layers has none: 'none'.
     """
+    if not sizes:
+        return "none"
     digits = len(sizes) <= 4 and max(sizes) < 10
     return ("" if digits else ",").join(map(str, sizes))

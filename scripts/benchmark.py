@@ -1,8 +1,9 @@
 """Throughput benchmarks, one subcommand per part of the system.
 
-``model``: images/s of the project's ECA model (``models.fuse_eca`` with
-``--eca-impl``), of the original release's formulation (the plain model, with
-the same weights) and of the matching torchvision model,
+``model``: images/s of the project's model (its ECA blocks fused by
+``models.fuse_eca`` with ``--eca-impl``), of the plain model with the same
+weights (for ECA models, the original release's formulation) and of the
+matching torchvision model (the same network without attention),
 for training steps and inference, NCHW and channels_last. The models are
 measured round-robin in one process (one step of each per repetition, starting
 from a different model each time), so that drifts in machine load hit them
@@ -54,18 +55,12 @@ from engine.distributed import resolve_device  # noqa: E402
 from engine.checkpoint import build_model, fuse  # noqa: E402
 from engine.collector import objects_built_so_far_frozen  # noqa: E402
 from engine.errors import UsageError, run_cli  # noqa: E402
-from models import ARCHITECTURES  # noqa: E402
+from models import ARCHITECTURES, PLAIN_COUNTERPARTS  # noqa: E402
 from models.fused import IMPLS  # noqa: E402
 from loader_benchmark import add_loader_arguments, run_loader  # noqa: E402
 
-TORCHVISION_COUNTERPART = {
-    "eca_resnet18": "resnet18",
-    "eca_resnet34": "resnet34",
-    "eca_resnet50": "resnet50",
-    "eca_resnet101": "resnet101",
-    "eca_resnet152": "resnet152",
-    "eca_mobilenet_v2": "mobilenet_v2",
-}
+# Every architecture's network without attention carries the name of torchvision's model.
+TORCHVISION_COUNTERPART = PLAIN_COUNTERPARTS
 REFERENCE_ROLE = "torchvision"
 CONTROL_ROLE = "control"
 MEMORY_FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -116,14 +111,16 @@ class Measurement:
     ratios: Dict[str, Ratio]
 
 
-def summarise(seconds: Dict[str, List[float]], images_per_repetition: int) -> Measurement:
-    """Rates and paired ratios from the seconds each model took in each repetition."""
+def summarise(
+    seconds: Dict[str, List[float]], images_per_repetition: int, reference_role: str = REFERENCE_ROLE
+) -> Measurement:
+    """Rates, and ratios to ``reference_role`` paired by repetition, from the seconds each model took in each."""
     rates = {role: images_per_repetition / statistics.median(values) for role, values in seconds.items()}
     ratios = {}
     for role, values in seconds.items():
-        if role == REFERENCE_ROLE:
+        if role == reference_role:
             continue
-        paired = [reference / own for reference, own in zip(seconds[REFERENCE_ROLE], values, strict=True)]
+        paired = [reference / own for reference, own in zip(seconds[reference_role], values, strict=True)]
         low, median, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
         # The default (exclusive) method extrapolates from fewer than three values, below zero even.
         low, high = max(low, min(paired)), min(high, max(paired))
@@ -197,7 +194,12 @@ def time_once(step: Callable[[], None], iterations: int, device: torch.device) -
 
 
 def measure_round_robin(
-    steps: Dict[str, Callable[[], None]], repeats: int, warmup: int, iterations: int, setting: Setting
+    steps: Dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int,
+    iterations: int,
+    setting: Setting,
+    reference_role: str = REFERENCE_ROLE,
 ) -> Measurement:
     """Every step timed once per repetition, interleaved; the starting step rotates each repetition."""
     names = list(steps)
@@ -209,7 +211,7 @@ def measure_round_robin(
         shift = repetition % len(names)
         for name in names[shift:] + names[:shift]:
             seconds[name].append(time_once(steps[name], iterations, setting.device))
-    return summarise(seconds, iterations * setting.batch_size)
+    return summarise(seconds, iterations * setting.batch_size, reference_role)
 
 
 def build_steps(

@@ -84,8 +84,8 @@ def release_checkpoint(ckpt: Checkpoint, described: Dict[str, Any]) -> Dict[str,
 
 def summary(described: Dict[str, Any]) -> str:
     if not described.get("arch"):
-        return "weights of no known ECA architecture"
-    parts = [described["arch"], f"kernel sizes {format_kernel_sizes(described['kernel_sizes'])}",
+        return "weights of no one architecture here (another network's, or tensors two architectures share)"
+    parts = [described["arch"], f"kernel sizes {format_kernel_sizes(described.get('kernel_sizes') or ())}",
              f"{described['num_classes']} classes"]
     if described.get("best_prec1") is not None:
         parts.append(f"best Prec@1 {described['best_prec1']:.3f}")

@@ -13,6 +13,9 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from engine.errors import run_cli  # noqa: E402
 from make_demo_data import make_demo_dataset  # noqa: E402
 
+# The architectures of the original release, in its order: the six with ECA layers and released weights.
+RELEASED_ARCHS = ("eca_resnet18", "eca_resnet34", "eca_resnet50", "eca_resnet101", "eca_resnet152", "eca_mobilenet_v2")
+
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):

@@ -64,9 +64,9 @@ def test_loader_benchmark_ends_with_the_projects_rate(launch, tiny_data):
 
 
 def test_model_benchmark_refuses_bad_arguments_in_one_line(launch):
-    result = launch("scripts/benchmark.py", "model", "-a", "resnet50")
+    result = launch("scripts/benchmark.py", "model", "-a", "resnet51")
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "resnet50" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "resnet51" in result.stderr
 
 
 @pytest.mark.slow

@@ -146,7 +146,7 @@ def test_every_layout_loads_with_equal_weights(tmp_path, mobilenet_weights, layo
     path = tmp_path / "weights.pth"
     torch.save(LAYOUTS[layout](mobilenet_weights), path, _use_new_zipfile_serialization=zipfile)
     model, ckpt = load_model(str(path), arch="eca_mobilenet_v2")
-    assert isinstance(model, models.ECA_MobileNetV2)
+    assert isinstance(model, models.MobileNetV2)
     assert model.classifier[1].out_features == 10
     assert_same_weights(model, mobilenet_weights)
     assert set(ckpt.state_dict) == set(mobilenet_weights)
@@ -185,10 +185,11 @@ CUSTOM_KERNELS = {
     "eca_resnet101": (3, 3, 3, 3),
     "eca_resnet152": (11, 13, 13, 15),
     "eca_mobilenet_v2": (1, 3) * 8 + (5,),
+    "eca_ns_resnet50": (5, 3, 7, 1),
 }
 
 
-@pytest.mark.parametrize("arch", sorted(models.ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(models.ECA_ARCHITECTURES))
 def test_architecture_and_kernel_sizes_are_read_from_the_tensors(arch):
     with torch.device("meta"):
         model = models.ARCHITECTURES[arch](k_size=",".join(map(str, CUSTOM_KERNELS[arch])))

@@ -11,6 +11,7 @@ import export
 import loader_benchmark
 import make_demo_data
 import models
+import paper_table
 import paras_flops
 import predict
 from engine.checkpoint import Checkpoint
@@ -27,6 +28,7 @@ PARSERS = {
     "scripts/make_demo_data.py": make_demo_data.build_parser,
     "scripts/loader_benchmark.py": loader_benchmark.build_parser,
     "scripts/benchmark.py": benchmark.build_parser,
+    "scripts/paper_table.py": paper_table.build_parser,
 }
 
 

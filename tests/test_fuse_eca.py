@@ -16,6 +16,7 @@ from torch import nn
 import models
 from models import fuse_eca
 from models.fused import dispatch
+from conftest import RELEASED_ARCHS
 from original_formulation import original_forward
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -99,7 +100,7 @@ def assert_matches(result, expected, tolerance: float) -> None:
 
 # The deeper ResNets repeat ResNet-50's blocks: they run with the slow tests.
 ORIGINAL_ARCHS = [pytest.param(arch, marks=pytest.mark.slow if arch in ("eca_resnet101", "eca_resnet152") else [])
-                  for arch in sorted(models.ARCHITECTURES)]
+                  for arch in RELEASED_ARCHS]
 
 
 @pytest.mark.parametrize("arch", ORIGINAL_ARCHS)
@@ -268,6 +269,17 @@ def test_fuse_eca_works_in_place_and_reference_restores_the_plain_blocks():
     assert type(model.layer1[0]).__name__ == "FusedBasicBlock"
     assert fuse_eca(model, "auto").layer1[0].impl == "auto"
     assert [type(m) for m in fuse_eca(model, "reference").modules()] == plain_types
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "se_resnet18", "eca_ns_resnet50", "cbam_resnet50", "mobilenet_v2"])
+def test_fuse_eca_leaves_models_without_eca_layers_unchanged(arch):
+    model = models.ARCHITECTURES[arch](num_classes=3).eval()
+    before = copy.deepcopy(model)
+    assert fuse_eca(model, "cpu") is model
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), before(x))
 
 
 def test_fused_model_loads_a_plain_state_dict_strictly_and_survives_deepcopy():

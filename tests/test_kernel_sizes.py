@@ -80,7 +80,7 @@ def test_parse_rejects_bad_values_naming_them_and_the_accepted_forms(spec, reaso
     assert ACCEPTED_FORMS in message and "'3557'" in message and "'3,5,5,7'" in message and "'adaptive'" in message
 
 
-@pytest.mark.parametrize("arch", sorted(models.ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(models.ECA_ARCHITECTURES))
 @pytest.mark.parametrize("spec", ["35a7", "3456", 4, "0"])
 def test_every_constructor_rejects_bad_kernel_sizes_with_value_error(arch, spec):
     with pytest.raises(ValueError, match=ACCEPTED_FORMS):

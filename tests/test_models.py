@@ -1,4 +1,7 @@
-"""The models package: names, shapes and sizes of the original release, and use at any input size."""
+"""The models package: names, shapes and sizes of the original release, and use at any input size.
+
+The paper's comparison networks (plain, SE, CBAM, ...) are specified in test_baselines.py.
+"""
 import functools
 import json
 import os
@@ -7,8 +10,9 @@ import pytest
 import torch
 
 import models
+from conftest import RELEASED_ARCHS
 
-ARCHS = sorted(models.ARCHITECTURES)
+ARCHS = sorted(RELEASED_ARCHS)
 
 # The released files' kernel sizes (their names end in _k3577, _k3357, ...).
 RELEASED_K = {
@@ -43,16 +47,16 @@ def shapes(module):
     return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
-def test_architectures_are_exactly_the_six_released_models():
-    assert set(models.ARCHITECTURES) == {
-        "eca_resnet18",
-        "eca_resnet34",
-        "eca_resnet50",
-        "eca_resnet101",
-        "eca_resnet152",
-        "eca_mobilenet_v2",
+def test_architectures_are_the_six_released_models_and_the_papers_comparisons():
+    assert list(models.ARCHITECTURES)[:6] == list(RELEASED_ARCHS)
+    assert set(models.ARCHITECTURES) == set(RELEASED_ARCHS) | {
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2",
+        "se_resnet18", "se_resnet34", "se_resnet50", "se_resnet101", "se_resnet152",
+        "se_var1_resnet50", "se_var2_resnet50", "se_var3_resnet50", "eca_ns_resnet50",
+        "cbam_resnet50", "cbam_resnet101",
     }
     assert all(models.ARCHITECTURES[name] is getattr(models, name) for name in models.ARCHITECTURES)
+    assert models.ECA_ARCHITECTURES == set(RELEASED_ARCHS) | {"eca_ns_resnet50"}
 
 
 def test_original_style_enumeration_offers_exactly_the_architectures():

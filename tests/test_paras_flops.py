@@ -107,7 +107,8 @@ def test_bad_ksize_is_one_line_and_exit_2(launch, bad):
 
 def test_all_prints_every_model_next_to_the_readme(run_paras_flops):
     text = run_paras_flops("--all")
-    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("eca_")}
+    readme_table = text.split("\n\n")[0]  # the paper's Table 3 and the comparison networks follow
+    rows = {line.split()[0]: line for line in readme_table.splitlines() if line.startswith("eca_")}
     assert set(rows) == {f"eca_resnet{depth}" for depth in (18, 34, 50, 101, 152)} | {"eca_mobilenet_v2"}
     for arch, params, flops in [
         ("eca_resnet18", "11.15M", "1.70G"),
@@ -190,7 +191,7 @@ def test_build_model_turns_bad_input_into_usage_errors():
         with pytest.raises(UsageError, match="--ksize"):
             build_model("eca_resnet50", bad)
     with pytest.raises(UsageError, match="unknown architecture"):
-        build_model("resnet50")
+        build_model("eca_resnet51")
     with pytest.raises(UsageError, match="--input-size"):
         count_complexity("eca_resnet18", input_size=0)
 

@@ -402,7 +402,7 @@ def test_hub_takes_either_format_with_the_same_result(release_file, converted, w
 
 def test_hub_without_weights_builds_the_constructors_model():
     model = torch.hub.load(ROOT, "eca_mobilenet_v2", source="local", num_classes=CLASSES)
-    assert isinstance(model, models.ECA_MobileNetV2) and model.num_classes == CLASSES
+    assert isinstance(model, models.MobileNetV2) and model.num_classes == CLASSES
 
 
 def test_hub_refuses_what_disagrees_with_the_file(converted):

@@ -1,15 +1,19 @@
 """The paper's blocks with their end (BatchNorm -> ECA -> + shortcut -> ReLU) run by ``dispatch``.
 
 Each fused block adopts the plain block's own submodules under the same names,
-so parameters, buffers and ``state_dict`` keys are the plain model's.
+so parameters, buffers and ``state_dict`` keys are the plain model's. Only
+blocks whose attention is an ``eca_layer`` are fused: the block ends here know
+ECA's one shared kernel, and other attention modules (SE, CBAM, ECA-NS) keep
+their blocks plain.
 """
-from typing import Optional
+from typing import Optional, Type
 
 import torch
 from torch import nn
 
-from ..eca_mobilenetv2 import InvertedResidual
-from ..eca_resnet import ECABasicBlock, ECABottleneck
+from ..eca_module import eca_layer
+from ..mobilenetv2 import InvertedResidual
+from ..resnet import BasicBlock, Bottleneck
 from .dispatch import block_end
 
 
@@ -33,6 +37,11 @@ class FusedBlock(nn.Module):
         adopt(self, block)
         self.impl = impl
 
+    @staticmethod
+    def fuses(block: nn.Module) -> bool:
+        """Whether ``block`` (of ``plain_type``) ends in an ECA layer this block end can run."""
+        return isinstance(getattr(block, "attention", None), eca_layer)
+
     def to_plain(self) -> nn.Module:
         """The plain block, holding these very submodules."""
         plain = self.plain_type.__new__(self.plain_type)
@@ -46,8 +55,8 @@ class FusedBlock(nn.Module):
 
 
 class FusedBasicBlock(FusedBlock):
-    plain_type = ECABasicBlock
-    expansion = ECABasicBlock.expansion
+    plain_type = BasicBlock
+    expansion = BasicBlock.expansion
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -56,8 +65,8 @@ class FusedBasicBlock(FusedBlock):
 
 
 class FusedBottleneck(FusedBlock):
-    plain_type = ECABottleneck
-    expansion = ECABottleneck.expansion
+    plain_type = Bottleneck
+    expansion = Bottleneck.expansion
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -71,6 +80,10 @@ class FusedInvertedResidual(FusedBlock):
 
     plain_type = InvertedResidual
 
+    @staticmethod
+    def fuses(block: nn.Module) -> bool:
+        return isinstance(block.conv[-1], eca_layer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         for layer in self.conv[:-3]:
@@ -81,3 +94,9 @@ class FusedInvertedResidual(FusedBlock):
 
 
 FUSED_TYPES = {fused.plain_type: fused for fused in (FusedBasicBlock, FusedBottleneck, FusedInvertedResidual)}
+
+
+def fused_type_of(block: nn.Module) -> Optional[Type[FusedBlock]]:
+    """The fused block that can stand in for ``block``, or None (another module, or a block without ECA)."""
+    fused_type = FUSED_TYPES.get(type(block))
+    return fused_type if fused_type is not None and fused_type.fuses(block) else None

@@ -1,12 +1,15 @@
 """``fuse_eca(model, impl)``: the explicit transformation from the paper's model to a fast one."""
 from torch import nn
 
-from .blocks import FUSED_TYPES, FusedBlock
+from .blocks import FusedBlock, fused_type_of
 from .dispatch import IMPLS, check_impl
 
 
 def fuse_eca(model: nn.Module, impl: str = "auto") -> nn.Module:
     """Give every ECA block of ``model`` a fused end run by ``impl``, in place; returns ``model``.
+
+    Blocks with another attention module (SE, CBAM, ECA-NS) or none, and
+    models without ECA blocks, are left as they are.
 
     Like torchvision's quantizable ``fuse_model()``, this swaps modules and
     keeps every parameter and buffer under its name, so ``state_dict``,
@@ -29,7 +32,7 @@ def fuse_eca(model: nn.Module, impl: str = "auto") -> nn.Module:
 def _swapped(module: nn.Module, impl: str):
     """``module`` as a block run by ``impl``, or None when it is not an ECA block."""
     plain = module.to_plain() if isinstance(module, FusedBlock) else module
-    fused_type = FUSED_TYPES.get(type(plain))
+    fused_type = fused_type_of(plain)
     if fused_type is None:
         return None
     return plain if impl == "reference" else fused_type(plain, impl)
