@@ -9,13 +9,16 @@ environment variables or calls ``.cuda()``.
 """
 import datetime
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from .errors import JobFailed, UsageError
+from .network import choose_gloo_interface
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ class LaunchPlan:
     local_rank: int
     local_world_size: int
     init_method: Optional[str]
+
+    @property
+    def machines(self) -> int:
+        """How many machines the job spans: ranks come ``local_world_size`` to a machine."""
+        return -(-self.world_size // max(self.local_world_size, 1))
 
 
 def visible_gpus() -> int:
@@ -150,12 +158,42 @@ def init_distributed(args, spawned_index: Optional[int] = None) -> DistContext:
         # A dead or stuck peer must fail the job after this long, not hang it for ever.
         timeout = datetime.timedelta(minutes=args.dist_timeout)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(
-            backend=backend, init_method=plan.init_method, world_size=plan.world_size, rank=plan.rank, timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
-        )
+        master = master_address(plan.init_method)
+        if "gloo" in backend and master is not None:
+            choose_gloo_interface(*master, plan.machines)
+        try:
+            dist.init_process_group(
+                backend=backend, init_method=plan.init_method, world_size=plan.world_size, rank=plan.rank,
+                timeout=timeout, device_id=device if device.type == "cuda" else None,
+            )
+        except (RuntimeError, ValueError) as error:
+            if not (isinstance(error, dist.DistError) or is_lost_peer(error)):
+                raise
+            where = f"the master at {master[0]}:{master[1]}" if master is not None else "the other processes"
+            raise JobFailed(
+                f"rank {plan.rank} could not join the job through {where} within {args.dist_timeout:g} min "
+                f"({one_line(error)}): check that every node was started and that the address is one they all reach"
+            ) from error
     return DistContext(rank=plan.rank, world_size=plan.world_size, local_rank=plan.local_rank,
                        local_world_size=plan.local_world_size, device=device)
+
+
+def master_address(init_method: Optional[str]):
+    """(host, port) the store lives at, from ``env://`` (MASTER_ADDR/MASTER_PORT) or ``tcp://HOST:PORT``; else None."""
+    if init_method == "env://":
+        if "MASTER_ADDR" not in os.environ:
+            return None
+        return os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
+    parsed = urllib.parse.urlsplit(init_method or "")
+    if parsed.scheme != "tcp" or not parsed.hostname:
+        return None
+    return parsed.hostname, parsed.port or 29500
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, without the C++ source paths and stack frames torch appends."""
+    first = str(error).split("\nException raised from")[0]
+    return re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", " ".join(first.split()))[:300]
 
 
 # gloo's messages for a peer that closed its connection or stopped answering, as they appear without the transport's path.
