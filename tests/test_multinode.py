@@ -5,19 +5,17 @@ name still resolves to 127.0.0.1 in both: exactly the machine on which gloo, lef
 itself, binds to loopback and the job fails on one side and hangs on the other.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from conftest import ROOT, run_script
+from netns import two_hosts
 
-SUBNET = "10.213.7"  # only ever assigned inside the namespaces the fixture makes
 PORT = 29500  # each namespace has its own ports
 TINY = ["--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32"]
 # 2 epochs, 24 images, a global batch of 8: 3 steps an epoch. The lr keeps this tiny run from diverging.
@@ -28,50 +26,10 @@ TRAIN = ["-a", "eca_resnet18", "--epochs", "2", "--lr", "0.01", "-j", "0", "-p",
 THREADS = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@dataclass
-class Host:
-    namespace: str
-    address: str
-    interface: str
-
-    def command(self, *argv):
-        return ["ip", "netns", "exec", self.namespace, *map(str, argv)]
-
-
-def ip(*argv):
-    return subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def hosts():
-    """Two namespaces ``a`` (10.213.7.1) and ``b`` (10.213.7.2) joined by a veth pair; removed afterwards."""
-    if shutil.which("ip") is None:
-        pytest.skip("network namespaces need iproute2's `ip`, which is not installed")
-    tag = f"eca{os.getpid() % 100000}"
-    pair = [Host(f"{tag}a", f"{SUBNET}.1", f"{tag}va"), Host(f"{tag}b", f"{SUBNET}.2", f"{tag}vb")]
-    made = []
-    try:
-        for host in pair:
-            result = ip("netns", "add", host.namespace)
-            if result.returncode != 0:
-                pytest.skip(f"cannot create network namespaces here: {result.stderr.strip() or 'ip netns add failed'}")
-            made.append(host.namespace)
-        steps = [("link", "add", pair[0].interface, "type", "veth", "peer", "name", pair[1].interface)]
-        for host in pair:
-            steps += [("link", "set", host.interface, "netns", host.namespace),
-                      ("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.interface),
-                      ("-n", host.namespace, "link", "set", "lo", "up"),
-                      ("-n", host.namespace, "link", "set", host.interface, "up")]
-        for step in steps:
-            result = ip(*step)
-            if result.returncode != 0:
-                pytest.skip(f"cannot join network namespaces with a veth pair here: {result.stderr.strip()}")
+    with two_hosts("m") as pair:
         yield pair
-    finally:
-        for namespace in made:
-            for pid in ip("netns", "pids", namespace).stdout.split():
-                os.kill(int(pid), signal.SIGKILL)  # only processes this test started live in there
-            ip("netns", "del", namespace)  # takes the veth pair with it
 
 
 def run_together(commands, timeout=300, env=None):
