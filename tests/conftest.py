@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from background import Run  # noqa: E402
 from engine.errors import run_cli  # noqa: E402
 from make_demo_data import make_demo_dataset  # noqa: E402
 
@@ -137,3 +138,19 @@ def launch(tmp_path_factory):
     launcher = Launcher(str(tmp_path_factory.mktemp("launcher")))
     yield launcher.run
     launcher.close()
+
+
+@pytest.fixture
+def runs():
+    """Background runs of a test; whatever is still running at its end is killed."""
+    started = []
+
+    def start(*args, command=None):
+        run = Run(command) if command else Run.script(*args)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.process.poll() is None:
+            run.kill_all()
