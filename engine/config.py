@@ -89,7 +89,9 @@ def build_parser(recipe: str) -> ArgumentParser:
     original.add_argument("--momentum", type=float, help="SGD momentum")
     original.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, help="SGD weight decay (L2)")
     original.add_argument("-p", "--print-freq", type=int, default=10, help="print every N batches")
-    original.add_argument("--resume", default="", metavar="PATH", help="checkpoint to resume (or, with -e, to evaluate)")
+    original.add_argument("--resume", default="", metavar="PATH",
+                          help="checkpoint to resume (or, with -e, to evaluate); 'auto': OUTPUT/checkpoint.pth.tar "
+                               "when it exists, else a fresh start")
     original.add_argument("-e", "--evaluate", action="store_true", help="evaluate on val/ and exit")
     original.add_argument("--pretrained", action="store_true", help="start from released weights: needs --init-from FILE")
     original.add_argument("--world-size", type=int, default=-1, help="number of nodes (with --dist-url)")
@@ -103,6 +105,12 @@ def build_parser(recipe: str) -> ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--config", default=None, help="YAML file of defaults (see configs/); flags override it")
     run.add_argument("--output-dir", default=None, help="where checkpoints and logs go (default: runs/<arch>_<action>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run that --output-dir holds, instead of refusing to touch it")
+    run.add_argument("--save-every-steps", type=int, default=None, metavar="N",
+                     help="also save the checkpoint every N training steps, in mid-epoch")
+    run.add_argument("--save-every-minutes", type=float, default=None, metavar="M",
+                     help="also save the checkpoint every M minutes, in mid-epoch")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
     run.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPUs)")
@@ -115,6 +123,8 @@ def build_parser(recipe: str) -> ArgumentParser:
     run.add_argument("--strict-data", action="store_true", help="stop on an unreadable image instead of skipping it")
     run.add_argument("--num-classes", type=int, default=None, help="default: the class folders in DATA/train")
     run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="write no TensorBoard events")
+    run.add_argument("--log-samples", action="store_true",
+                     help="every process logs the dataset indices each of its training steps trained")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr-scheduler", choices=("step", "cosine", "exponential"), help="learning-rate schedule")
@@ -189,8 +199,8 @@ def parse_args(recipe: str, argv: Optional[Sequence[str]] = None) -> argparse.Na
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
     args.recipe = recipe
-    if args.arch is None and not args.resume:
-        args.arch = RECIPES[recipe]["arch"]
+    if args.arch is None and args.resume in ("", RESUME_AUTO):
+        args.arch = RECIPES[recipe]["arch"]  # with --resume auto, the output folder's name needs it
     validate(args)
     return args
 
@@ -210,6 +220,14 @@ def validate(args: argparse.Namespace) -> None:
         )
     if args.resume and args.init_from:
         raise UsageError("--resume continues a run and --init-from starts a new one: pass only one of them")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it with a new one: pass only one of them")
+    if args.evaluate and args.resume == RESUME_AUTO:
+        raise UsageError("-e --resume auto: name the checkpoint to evaluate, e.g. --resume runs/NAME/model_best.pth.tar")
+    if args.save_every_steps is not None and args.save_every_steps < 1:
+        raise UsageError("--save-every-steps must be a positive integer")
+    if args.save_every_minutes is not None and args.save_every_minutes <= 0:
+        raise UsageError("--save-every-minutes must be positive")
     for name in ("epochs", "batch_size", "print_freq"):
         if getattr(args, name) is None:
             raise UsageError(f"{flag_name(name)} must be a positive integer")
@@ -243,6 +261,7 @@ def validate(args: argparse.Namespace) -> None:
 
 
 IMAGE_SIZES = ("train_crop_size", "val_resize_size", "val_crop_size")
+RESUME_AUTO = "auto"  # --resume auto: the output folder's checkpoint when there is one
 
 
 class Config(argparse.Namespace):

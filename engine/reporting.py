@@ -21,8 +21,11 @@ CSV_FIELDS = [
 ]
 
 
-def setup_logging(is_primary: bool) -> None:
-    """Plain lines on stdout for the primary process; warnings and errors only from the others."""
+def setup_logging(is_primary: bool, samples: bool = False) -> None:
+    """Plain lines on stdout for the primary process; warnings and errors only from the others.
+
+    With ``samples`` (``--log-samples``) every process also says which images each training step trained.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -30,6 +33,8 @@ def setup_logging(is_primary: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO if is_primary else logging.WARNING)
+    # A logger's own level decides; its records then reach the root's handler on every process.
+    logging.getLogger("eca.samples").setLevel(logging.DEBUG if samples else logging.WARNING)
 
 
 class AverageMeter:
@@ -119,7 +124,9 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=output_dir, purge_step=None)
+            # Events from a step on that an earlier run of this folder wrote (a resumed or replaced run) are
+            # hidden, so that its curves continue instead of being drawn twice.
+            self.writer = SummaryWriter(log_dir=output_dir, purge_step=first_epoch)
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -9,7 +9,6 @@ import functools
 import logging
 import os
 import random
-import re
 import socket
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
@@ -25,19 +24,21 @@ from models.kernel_sizes import format_kernel_sizes
 
 from .checkpoint import Checkpoint, build_model, fuse, model_from_checkpoint, read_checkpoint
 from .collector import objects_built_so_far_frozen
-from .config import Config, parse_args, resolve_config
+from .config import RESUME_AUTO, Config, default_output_dir, parse_args, resolve_config
 from .data import (
     BatchMixer, BatchPreparer, SeededImageFolder, SeededSampler, TrainTransform, ValTransform, build_loader,
     check_data_root, default_workers, list_samples, out_of_shared_memory, shared_memory_advice,
 )
-from .distributed import DistContext, init_distributed, is_lost_peer, should_spawn, shutdown, visible_gpus
+from .distributed import (
+    DistContext, init_distributed, is_lost_peer, one_line, should_spawn, shutdown, visible_gpus,
+)
 from .errors import Interrupted, JobFailed, UsageError, report_and_exit
 from .evaluate import evaluate
 from .loop import LoopContext
 from .preemption import StopRequest
 from .reporting import MetricsWriter, report_epoch, setup_logging, summary_line
 from .schedule import LRSchedule
-from .state import CheckpointSaver, ResumePoint, checkpoint_path, restore
+from .state import CheckpointSaver, ResumePoint, auto_resume_path, checkpoint_path, refuse_to_replace, restore
 from .train import TrainParts, train_one_epoch
 from .transfer import freeze_backbone, initialize_from, parameter_groups, read_init_checkpoint
 
@@ -55,7 +56,10 @@ class RunInputs:
 def read_inputs(args) -> RunInputs:
     """Check DATA and read ``--resume``, each once per process: bad ones fail here, before anything starts."""
     classes = check_data_root(args.data, need_train=not args.evaluate)
-    return RunInputs(classes, read_checkpoint(args.resume) if args.resume else None)
+    path = args.resume
+    if path == RESUME_AUTO:
+        path = auto_resume_path(args.output_dir or default_output_dir(args.arch, args.action))
+    return RunInputs(classes, read_checkpoint(path) if path else None)
 
 
 def main(recipe: str, argv: Optional[Sequence[str]] = None) -> None:
@@ -66,6 +70,8 @@ def main(recipe: str, argv: Optional[Sequence[str]] = None) -> None:
     # Processes spawned here meet on a free local port, unless the flags name a rendezvous (several nodes).
     local = spawn and args.dist_url is None and args.world_size <= 1
     config = resolve_config(args, inputs.checkpoint, dist_url=f"tcp://127.0.0.1:{free_port()}" if local else None)
+    if not config.evaluate:
+        refuse_to_replace(config.output_dir, resuming=inputs.checkpoint is not None, overwrite=config.overwrite)
     if not spawn:
         run(config, inputs)
         return
@@ -84,9 +90,11 @@ def _spawned_process(index: int, config: Config) -> None:
 def run(config: Config, inputs: RunInputs, spawned_index: Optional[int] = None) -> None:
     """One process of the job: data, model and resume state, then the epochs with their checkpoints (or ``-e``)."""
     ctx = init_distributed(config, spawned_index)
-    setup_logging(ctx.is_primary)
+    setup_logging(ctx.is_primary, samples=config.log_samples)
     with job_failures_in_one_line(config, ctx), StopRequest() as stop:
         ckpt, classes = inputs.checkpoint, inputs.classes
+        if config.resume == RESUME_AUTO and ckpt is None:
+            logger.info("=> --resume auto: no %s yet, starting afresh", checkpoint_path(config))
         check_class_names(ckpt, classes)
         num_classes = resolve_num_classes(config, classes)
         batch_size = per_process_batch(config, ctx)
@@ -109,7 +117,7 @@ def run(config: Config, inputs: RunInputs, spawned_index: Optional[int] = None) 
         steps_per_epoch = len(train_loader)
         parts = build_train_parts(config, model, ctx=ctx, steps_per_epoch=steps_per_epoch, seed=seed,
                                   num_classes=num_classes)
-        point = resume_point(config, parts, ckpt)
+        point = resume_point(config, parts, ckpt, samples_per_step=batch_size * ctx.world_size)
         saver = CheckpointSaver(config=config, ctx=ctx, parts=parts, seed=seed, classes=classes)
         saver.prepare_folder()
         log_header(config, ctx, model=parts.model_without_ddp, batch_size=batch_size, classes=classes,
@@ -120,13 +128,18 @@ def run(config: Config, inputs: RunInputs, spawned_index: Optional[int] = None) 
             for epoch in range(point.epoch, config.epochs):
                 trained = None  # an epoch resumed after its last batch only validates
                 if point.step < steps_per_epoch:
-                    trained = train_one_epoch(parts, train_loader, loop, epoch=epoch, start_step=point.step)
+                    trained = train_one_epoch(
+                        parts, train_loader, loop, epoch=epoch, start_step=point.step, start_samples=point.samples,
+                        after_step=lambda steps, samples: saver.save_if_due(
+                            dataclasses.replace(point, step=steps, samples=samples),
+                            global_step=epoch * steps_per_epoch + steps),
+                    )
+                    point = dataclasses.replace(point, step=trained.steps_done, samples=trained.samples_done)
                     if trained.interrupted:
-                        saver.save_and_stop(dataclasses.replace(point, epoch=epoch, step=trained.steps_done), stop,
-                                            f"at epoch {epoch}, batch {trained.steps_done}")
+                        saver.save_and_stop(point, stop, f"at epoch {epoch}, batch {trained.steps_done}")
                 val = evaluate(parts.model_without_ddp, val_loader, loop)
                 if val.interrupted:
-                    saver.save_and_stop(dataclasses.replace(point, epoch=epoch, step=steps_per_epoch), stop,
+                    saver.save_and_stop(dataclasses.replace(point, step=steps_per_epoch), stop,
                                         f"while validating epoch {epoch}")
                 logger.info(summary_line(val.prec1, val.prec5))
                 ema_val = None
@@ -153,19 +166,21 @@ def free_port() -> int:
 def job_failures_in_one_line(config: Config, ctx: DistContext) -> Iterator[None]:
     """Shared memory run out, or a rank lost: one line with the way back instead of a traceback per rank."""
     checkpoint = checkpoint_path(config)
+    # Under --resume auto the same command continues the run: torchrun --max-restarts and requeued jobs do that.
+    again = ("the same command continues from the last save (--resume auto)" if config.resume == RESUME_AUTO
+             else f"restart the job with --resume {checkpoint}")
     try:
         yield
     except RuntimeError as error:
         if out_of_shared_memory(error):
-            resume = f"; then restart with --resume {checkpoint}" if os.path.exists(checkpoint) else ""
+            resume = f"; then {again}" if os.path.exists(checkpoint) else ""
             raise JobFailed(f"{shared_memory_advice()}{resume} (ECA_DEBUG=1 shows the traceback)") from error
         # A rank that died or hung is a fault of the job, not a bug here.
         if not (ctx.distributed and is_lost_peer(error)):
             raise
-        reason = re.sub(r"\[[^\]]*\.(?:cc|cpp):\d+\] ", "", " ".join(str(error).split()))[:300]  # no source paths
         raise JobFailed(
-            f"rank {ctx.rank}: another process of the job died or stopped answering ({reason}); "
-            f"restart the job with --resume {checkpoint} (ECA_DEBUG=1 shows the traceback)"
+            f"rank {ctx.rank}: another process of the job died or stopped answering ({one_line(error)}); "
+            f"{again} (ECA_DEBUG=1 shows the traceback)"
         ) from error
     finally:
         shutdown(ctx)
@@ -312,11 +327,21 @@ def build_train_parts(config: Config, model: nn.Module, *, ctx: DistContext, ste
     )
 
 
-def resume_point(config: Config, parts: TrainParts, ckpt: Optional[Checkpoint]) -> ResumePoint:
-    """Where training starts: the ``--resume`` file's epoch and batch (its state restored), or ``--start-epoch``."""
-    point = restore(parts, ckpt) if ckpt is not None else ResumePoint()
+def resume_point(config: Config, parts: TrainParts, ckpt: Optional[Checkpoint], *,
+                 samples_per_step: int) -> ResumePoint:
+    """Where training starts: the ``--resume`` file's epoch and batch (its state restored), or ``--start-epoch``.
+
+    ``samples_per_step`` is this run's global batch. A file from a run of another number of
+    processes (or another batch) goes on after the images of the epoch that run trained.
+    """
+    point = restore(parts, ckpt, samples_per_step) if ckpt is not None else ResumePoint()
     if config.start_epoch is not None:
-        point = dataclasses.replace(point, epoch=config.start_epoch, step=0)
+        point = dataclasses.replace(point, epoch=config.start_epoch, step=0, samples=0)
+    if ckpt is not None and point.samples != point.step * samples_per_step:
+        logger.info("=> the checkpoint's run of %s process(es) trained %d images of epoch %d; this run of %d images a "
+                    "step goes on from there (not bit for bit as that run would have)",
+                    ckpt.contents.get("world_size", "other"), point.samples, point.epoch, samples_per_step)
+        point = dataclasses.replace(point, step=point.samples // samples_per_step)
     if ckpt is not None:
         logger.info("=> resumed %r at epoch %d, batch %d (best Prec@1 %.3f)", ckpt.path, point.epoch, point.step,
                     point.best_prec1)
@@ -328,8 +353,12 @@ def log_header(config: Config, ctx: DistContext, *, model: nn.Module, batch_size
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("=> %s, ECA kernel sizes %s, %d classes, %.2f million parameters (%s)", config.arch,
                 format_kernel_sizes(model.kernel_sizes), len(classes), parameters / 1e6, f"{parameters:,}")
-    logger.info("=> device %s, %d process(es); batch %d per process, %d in all; lr %g (%s schedule)",
-                ctx.device, ctx.world_size, batch_size, batch_size * ctx.world_size, config.lr, config.lr_scheduler)
+    # CPU results depend on the intra-op thread count (the order of float sums), so the header says it.
+    count = torch.get_num_threads()
+    threads = f" ({count} thread{'s' if count > 1 else ''})" if ctx.device.type == "cpu" else ""
+    logger.info("=> device %s%s, %d process(es); batch %d per process, %d in all; lr %g (%s schedule)",
+                ctx.device, threads, ctx.world_size, batch_size, batch_size * ctx.world_size, config.lr,
+                config.lr_scheduler)
     logger.info("=> %d train / %d val images; amp %s, channels_last %s, compile %s, ECA impl %s; output %s",
                 train_images, val_images, config.amp, config.channels_last, config.compile, config.eca_impl,
                 config.output_dir)

@@ -1,7 +1,8 @@
 """One epoch of training, with everything decided once at set-up (AMP, EMA, mixing, clipping)."""
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from .loop import LoopContext, report_unreadable
 from .metrics import topk_correct
 from .reporting import AverageMeter, Progress, train_line
 from .schedule import LRSchedule
+
+# ``--log-samples``: every rank says which images each of its steps trained (see reporting.setup_logging).
+samples_log = logging.getLogger("eca.samples")
 
 
 @dataclass(kw_only=True)
@@ -40,6 +44,7 @@ class EpochResult:
     images: int
     seconds: float
     steps_done: int  # batches of this epoch finished, counting those before a resume
+    samples_done: int  # positions of the epoch's order trained, by all ranks, counting those before a resume
     unreadable: List[Tuple[str, str]]
     interrupted: bool = False
 
@@ -71,13 +76,20 @@ def _backward_and_step(parts: TrainParts, loss: torch.Tensor) -> None:
         parts.optimizer.step()
 
 
-def train_one_epoch(parts: TrainParts, loader, loop: LoopContext, *, epoch: int, start_step: int) -> EpochResult:
-    """Train ``epoch`` from batch ``start_step`` on; stop early (``interrupted``) when a stop is requested."""
+def train_one_epoch(parts: TrainParts, loader, loop: LoopContext, *, epoch: int, start_step: int = 0,
+                    start_samples: int = 0,
+                    after_step: Optional[Callable[[int, int], None]] = None) -> EpochResult:
+    """Train ``epoch`` on from batch ``start_step``, the first ``start_samples`` of its order trained already.
+
+    Stops early (``interrupted``) when a stop is requested; otherwise calls
+    ``after_step(steps_done, samples_done)`` after every step (a mid-epoch save, say).
+    """
     ctx = loop.ctx
     parts.model.train()
     for module in parts.frozen_norms:
         module.eval()
-    loader.sampler.set_epoch(epoch, skip=start_step * loader.batch_size)
+    loader.sampler.set_epoch(epoch, done=start_samples)
+    samples_per_step = loader.batch_size * ctx.world_size
     steps_per_epoch = parts.schedule.steps_per_epoch
     meters = {name: AverageMeter() for name in ("batch_time", "data_time", "loss", "top1", "top5")}
     unreadable: List[Tuple[str, str]] = []
@@ -114,13 +126,23 @@ def train_one_epoch(parts: TrainParts, loader, loop: LoopContext, *, epoch: int,
         meters["top5"].update(100.0 * correct5.item() / n, n)
         meters["batch_time"].update(time.perf_counter() - end)
         progress.step(step, train_line(epoch, step, steps_per_epoch, meters), {"loss": f"{meters['loss'].avg:.3f}"})
+        samples_log.debug("samples: epoch %d step %d rank %d trained %s", epoch, step, ctx.rank, batch.indices)
         end = time.perf_counter()
         steps_done = step + 1
         if any_rank(loop.stop.requested, ctx):
             interrupted = True
             break
+        if after_step is not None:
+            after_step(steps_done, samples_done(start_step, start_samples, steps_done, samples_per_step))
     progress.close()
     return EpochResult(
         loss=meters["loss"].avg, prec1=meters["top1"].avg, prec5=meters["top5"].avg, images=meters["loss"].count,
-        seconds=time.perf_counter() - started, steps_done=steps_done, unreadable=unreadable, interrupted=interrupted,
+        seconds=time.perf_counter() - started, steps_done=steps_done,
+        samples_done=samples_done(start_step, start_samples, steps_done, samples_per_step),
+        unreadable=unreadable, interrupted=interrupted,
     )
+
+
+def samples_done(start_step: int, start_samples: int, steps_done: int, samples_per_step: int) -> int:
+    """Positions of the epoch's order trained after ``steps_done`` steps: each step takes a batch from every rank."""
+    return start_samples + (steps_done - start_step) * samples_per_step

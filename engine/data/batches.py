@@ -4,7 +4,7 @@ Workers send uint8 batches (a quarter of the bytes of float) and the device
 normalises them; training on the CPU, the workers normalise them instead.
 :class:`BatchPreparer` makes that choice, and only it.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,6 +20,7 @@ class Batch:
     images: torch.Tensor  # uint8 [B, 3, H, W], or float32 when the workers normalised it
     targets: torch.Tensor
     unreadable: List[Tuple[str, str]]  # (path, reason) of images left out of this batch
+    indices: List[int] = field(default_factory=list)  # the dataset indices of the images, in order
 
     def __len__(self) -> int:
         return int(self.targets.numel())
@@ -76,10 +77,11 @@ class Collate:
         self.normalise = normalise
 
     def __call__(self, items) -> Batch:
-        good = [(image, target) for image, target, _ in items if image is not None]
+        good = [item for item in items if item[0] is not None]
         unreadable = [(path, reason) for image, path, reason in items if image is None]
-        targets = torch.tensor([target for _, target in good], dtype=torch.int64)
-        return Batch(self.stack([image for image, _ in good]), targets, unreadable)
+        targets = torch.tensor([target for _, target, _ in good], dtype=torch.int64)
+        return Batch(self.stack([image for image, _, _ in good]), targets, unreadable,
+                     indices=[index for _, _, index in good])
 
     def stack(self, images: List[torch.Tensor]) -> torch.Tensor:
         shape = (len(images), *images[0].shape) if images else (0, 3, 1, 1)

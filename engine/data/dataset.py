@@ -59,7 +59,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class SeededImageFolder(Dataset):
     """Images of one split; item ``(index, seed)`` is decoded and transformed with a generator seeded by ``seed``.
 
-    An unreadable image yields ``(None, path, reason)`` so that the batch can go on without it.
+    A readable image yields ``(image, target, index)``; an unreadable one ``(None, path, reason)``, so that
+    the batch can go on without it.
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], transform: Callable):
@@ -76,4 +77,4 @@ class SeededImageFolder(Dataset):
             image = decode_rgb(path)
         except ValueError as error:
             return None, path, str(error)
-        return self.transform(image, torch.Generator().manual_seed(seed)), target, None
+        return self.transform(image, torch.Generator().manual_seed(seed)), target, index

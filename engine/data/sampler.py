@@ -12,11 +12,13 @@ from .dataset import sample_seed
 class SeededSampler(Sampler):
     """This rank's share of the dataset as ``(index, sample_seed)`` pairs.
 
-    Training (``shuffle=True``): a permutation drawn from (seed, epoch), padded
-    to a multiple of the world size like ``DistributedSampler``. Evaluation
-    (``shuffle=False``): rank r takes indices r, r + world, ... with no padding,
-    so every image is counted exactly once whatever the number of processes.
-    ``skip`` leaves out the first samples of this rank's share (a resumed epoch).
+    Training (``shuffle=True``): one order of the whole dataset per (seed, epoch),
+    whatever the number of processes; rank r takes its positions r, r + world, ...,
+    repeating from the start where the last round falls short, as ``DistributedSampler``
+    pads. ``done`` positions of the order were trained already (a resumed epoch,
+    perhaps by another number of processes), so the ranks share out the rest.
+    Evaluation (``shuffle=False``): rank r takes indices r, r + world, ... with no
+    padding, so every image is counted exactly once whatever the number of processes.
     """
 
     def __init__(self, size: int, ctx: DistContext, seed: int, shuffle: bool):
@@ -25,26 +27,27 @@ class SeededSampler(Sampler):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
-        self.skip = 0
+        self.done = 0
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, done: int = 0) -> None:
+        """Draw ``epoch``'s order, of which the first ``done`` positions are trained already."""
+        self.epoch, self.done = epoch, done
 
     def _indices(self) -> List[int]:
         if not self.shuffle:
             return list(range(self.rank, self.size, self.world))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        total = math.ceil(self.size / self.world) * self.world
-        # Repeat, not just extend, so that even a dataset smaller than the world gives every rank a full share.
-        order = (order * math.ceil(total / self.size))[:total]
-        return order[self.rank:total:self.world]
+        # Modulo the size: the padding repeats the order from its start, even for a dataset smaller than the world.
+        first = self.done + self.rank
+        return [order[position % self.size] for position in range(first, first + self.world * len(self), self.world)]
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        for index in self._indices()[self.skip:]:
+        for index in self._indices():
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         # Arithmetic, not len(self._indices()): that would draw a whole permutation on every call.
-        share = math.ceil(self.size / self.world) if self.shuffle else len(range(self.rank, self.size, self.world))
-        return max(share - self.skip, 0)
+        if not self.shuffle:
+            return len(range(self.rank, self.size, self.world))
+        return math.ceil(max(self.size - self.done, 0) / self.world)
