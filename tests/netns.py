@@ -32,7 +32,7 @@ class Host:
 
         The host name and the mount live in namespaces of their own, so the machine's stay as they are.
         """
-        script = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift 2 && exec "$@"'
+        script = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
         return ["nsenter", f"--net=/run/netns/{self.namespace}", "unshare", "--mount", "--uts", "sh", "-c", script,
                 str(hosts_file), self.name, *map(str, argv)]
 
