@@ -1,9 +1,12 @@
 """How a process learns its place in the job: torchrun, SLURM, the original's flags, our own spawn."""
+import os
+
 import pytest
 
 from engine.config import parse_args
-from engine.distributed import LaunchPlan, is_lost_peer, plan_from_environment
+from engine.distributed import LaunchPlan, is_lost_peer, master_address, plan_from_environment
 from engine.errors import UsageError
+from engine.network import choose_gloo_interface, interface_with_address
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
                     "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "MASTER_ADDR", "MASTER_PORT")
@@ -74,3 +77,61 @@ def test_spawned_processes_number_the_gpus_of_every_node(clean_env, monkeypatch)
 def test_lost_peers_are_told_from_bugs(message, lost):
     assert is_lost_peer(RuntimeError(message)) is lost
     assert not is_lost_peer(ValueError(message))
+
+
+# --- which interface gloo talks on (two real hosts: test_multinode.py) ------------------------------
+
+
+@pytest.fixture
+def no_gloo_interface(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    return monkeypatch
+
+
+def test_a_gloo_interface_the_user_set_is_kept(no_gloo_interface):
+    no_gloo_interface.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    assert choose_gloo_interface("no-such-host.invalid", 29500, machines_in_job=4) == "eth7"
+
+
+def test_a_loopback_master_on_one_machine_leaves_gloo_alone(no_gloo_interface):
+    assert choose_gloo_interface("127.0.0.1", 29500, machines_in_job=1) is None
+    assert "GLOO_SOCKET_IFNAME" not in os.environ
+
+
+def test_a_loopback_master_for_several_machines_names_the_variables_to_set(no_gloo_interface):
+    with pytest.raises(UsageError, match=r"'localhost' is this machine's loopback .* spans 2 machines.*"
+                                         r"--local-addr.*GLOO_SOCKET_IFNAME=lo"):
+        choose_gloo_interface("localhost", 29500, machines_in_job=2)
+
+
+def test_a_master_that_does_not_resolve_is_one_line(no_gloo_interface):
+    with pytest.raises(UsageError, match="the master address 'no-such-host.invalid' does not resolve"):
+        choose_gloo_interface("no-such-host.invalid", 29500, machines_in_job=2)
+
+
+def test_the_loopback_address_belongs_to_an_interface():
+    assert interface_with_address("127.0.0.1") is not None
+    assert interface_with_address("192.0.2.254") is None  # TEST-NET-1: on no interface of a test machine
+
+
+@pytest.mark.parametrize("init_method, master", [
+    ("tcp://10.1.1.20:23456", ("10.1.1.20", 23456)),
+    ("tcp://node0", ("node0", 29500)),
+    ("file:///shared/rendezvous", None),
+    (None, None),
+])
+def test_the_master_address_comes_from_the_init_method(clean_env, init_method, master):
+    assert master_address(init_method) == master
+
+
+def test_the_master_address_of_env_init_is_master_addr_and_port(clean_env):
+    assert master_address("env://") is None
+    clean_env.setenv("MASTER_ADDR", "node3")
+    clean_env.setenv("MASTER_PORT", "4000")
+    assert master_address("env://") == ("node3", 4000)
+
+
+def test_machines_in_a_job_are_its_ranks_over_those_of_one_machine():
+    assert LaunchPlan(0, 16, 0, 8, "env://").machines == 2
+    assert LaunchPlan(1, 2, 0, 1, "tcp://node0:1").machines == 2  # the original's flags: one process a node
+    assert LaunchPlan(0, 8, 0, 8, "env://").machines == 1

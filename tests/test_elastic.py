@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from background import Run, children, max_difference, torchrun_command
 from engine.checkpoint import read_checkpoint
+from engine.state import SaveSchedule
 
 TINY = ["--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32"]
 # tiny_data: 24 train images, so a global batch of 8 makes 3 steps an epoch.
@@ -99,6 +100,22 @@ def test_overwrite_replaces_the_folders_run_and_its_curves(launch, tiny_data, tm
     assert read_checkpoint(str(out / "model_best.pth.tar")).contents["seed"] == 2
     assert epochs_in_csv(out) == [0]
     assert curve_steps(out) == [0]  # the first run's epoch 1 is hidden, its epoch 0 replaced
+
+
+def test_mid_epoch_saves_come_every_n_steps_or_every_m_minutes_after_the_last():
+    assert [step for step in range(1, 10) if SaveSchedule(3, None).due(step)] == [3, 6, 9]
+    assert not any(SaveSchedule(None, None).due(step) for step in range(1, 100))
+    now = {"seconds": 0.0}
+    timed = SaveSchedule(None, 2, clock=lambda: now["seconds"])
+
+    def due_at(seconds):
+        now["seconds"] = seconds
+        due = timed.due(global_step=1)
+        if due:
+            timed.saved()
+        return due
+
+    assert [due_at(seconds) for seconds in (60, 119, 120, 150, 239, 250)] == [False, False, True, False, False, True]
 
 
 # --- elastic restarts: a rank killed in mid-epoch, torchrun restarts the group, it resumes by itself ---
