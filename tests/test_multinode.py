@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT
 from netns import two_hosts
 
 PORT = 29500  # each namespace has its own ports
@@ -152,10 +152,9 @@ def test_a_rank_that_cannot_reach_the_master_fails_in_one_line_within_the_timeou
     assert "Traceback" not in output and not (tmp_path / "out").exists()
 
 
-def test_a_loopback_master_for_a_job_of_several_machines_stops_at_once(tiny_data, tmp_path):
-    result = run_script("main.py", *TRAIN, "-b", 4, "--world-size", 2, "--rank", 1, "--dist-url",
-                        "tcp://localhost:29500", "--output-dir", tmp_path / "out", tiny_data, timeout=120,
-                        env={"GLOO_SOCKET_IFNAME": ""})
+def test_a_loopback_master_for_a_job_of_several_machines_stops_at_once(launch, tiny_data, tmp_path):
+    result = launch("main.py", *TRAIN, "-b", 4, "--world-size", 2, "--rank", 1, "--dist-url", "tcp://localhost:29500",
+                    "--output-dir", tmp_path / "out", tiny_data, env={"GLOO_SOCKET_IFNAME": ""})
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("main.py: error: the master address 'localhost' is this machine's loopback")
     assert "GLOO_SOCKET_IFNAME=lo" in result.stderr and len(result.stderr.splitlines()) == 1
