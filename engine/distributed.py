@@ -171,8 +171,9 @@ def init_distributed(args, spawned_index: Optional[int] = None) -> DistContext:
                 raise
             where = f"the master at {master[0]}:{master[1]}" if master is not None else "the other processes"
             raise JobFailed(
-                f"rank {plan.rank} could not join the job through {where} within {args.dist_timeout:g} min "
-                f"({one_line(error)}): check that every node was started and that the address is one they all reach"
+                f"rank {plan.rank} could not join the job through {where} ({one_line(error)}): check that every "
+                f"node was started within --dist-timeout ({args.dist_timeout:g} min) and that the address is one "
+                "they all reach"
             ) from error
     return DistContext(rank=plan.rank, world_size=plan.world_size, local_rank=plan.local_rank,
                        local_world_size=plan.local_world_size, device=device)

@@ -6,7 +6,6 @@ is a loopback address: the other machines then dial their own loopback, and the 
 fails on one side and hangs on the other. The kernel knows better: the interface
 whose address it would send from to reach the master is the one the others reach.
 """
-import fcntl
 import ipaddress
 import os
 import socket
@@ -87,6 +86,8 @@ def interface_with_address(address: str) -> Optional[str]:
 
 def interface_addresses(name: str, version: int):
     if version == 4:
+        import fcntl  # POSIX only; the caller asks on Linux alone
+
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as query:
             try:
                 reply = fcntl.ioctl(query.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:IFNAMSIZ - 1]))

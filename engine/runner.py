@@ -340,7 +340,7 @@ def resume_point(config: Config, parts: TrainParts, ckpt: Optional[Checkpoint], 
     if ckpt is not None and point.samples != point.step * samples_per_step:
         logger.info("=> the checkpoint's run of %s process(es) trained %d images of epoch %d; this run of %d images a "
                     "step goes on from there (not bit for bit as that run would have)",
-                    ckpt.contents.get("world_size", "other"), point.samples, point.epoch, samples_per_step)
+                    ckpt.contents.get("world_size"), point.samples, point.epoch, samples_per_step)
         point = dataclasses.replace(point, step=point.samples // samples_per_step)
     if ckpt is not None:
         logger.info("=> resumed %r at epoch %d, batch %d (best Prec@1 %.3f)", ckpt.path, point.epoch, point.step,
