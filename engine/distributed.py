@@ -162,21 +162,51 @@ def init_distributed(args, spawned_index: Optional[int] = None) -> DistContext:
         if "gloo" in backend and master is not None:
             choose_gloo_interface(*master, plan.machines)
         try:
+            store = attempt_store(plan, timeout)
             dist.init_process_group(
-                backend=backend, init_method=plan.init_method, world_size=plan.world_size, rank=plan.rank,
-                timeout=timeout, device_id=device if device.type == "cuda" else None,
+                backend=backend, init_method=None if store is not None else plan.init_method, store=store,
+                world_size=plan.world_size, rank=plan.rank, timeout=timeout,
+                device_id=device if device.type == "cuda" else None,
             )
         except (RuntimeError, ValueError) as error:
             if not (isinstance(error, dist.DistError) or is_lost_peer(error)):
                 raise
             where = f"the master at {master[0]}:{master[1]}" if master is not None else "the other processes"
-            raise JobFailed(
-                f"rank {plan.rank} could not join the job through {where} ({one_line(error)}): check that every "
-                f"node was started within --dist-timeout ({args.dist_timeout:g} min) and that the address is one "
-                "they all reach"
-            ) from error
+            raise JobFailed(f"rank {plan.rank} could not join the job through {where} ({one_line(error)}): "
+                            f"{join_advice(plan, args.dist_timeout)}") from error
     return DistContext(rank=plan.rank, world_size=plan.world_size, local_rank=plan.local_rank,
                        local_world_size=plan.local_world_size, device=device)
+
+
+def attempt_store(plan: LaunchPlan, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """torchrun's store under keys of this start of the group alone, where one torchrun starts every process.
+
+    torchrun keeps one store for the whole job, and torch does not keep a restarted group's keys apart
+    from those of the group before it: the new group would read the dead one's addresses (gloo dials a
+    process that has exited) and counters. One torchrun counts its restarts for all its processes, so the
+    count names the group. Across machines each torchrun counts its own, and a store per start
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) is the way: see ``join_advice``.
+    """
+    if plan.init_method != "env://" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if plan.local_world_size != plan.world_size:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), plan.world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/eca/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def join_advice(plan: LaunchPlan, dist_timeout: float) -> str:
+    """What to check when this process could not join the group."""
+    advice = (f"check that every node was started within --dist-timeout ({dist_timeout:g} min) and that the "
+              "address is one they all reach")
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and plan.local_world_size != plan.world_size
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        # Each machine's torchrun counts its own restarts, so no count names the group (see attempt_store).
+        advice += ("; where torchrun restarted the group, it may have read the dead group's keys in torchrun's "
+                   "shared store: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (c10d rendezvous) "
+                   "so that each start gets a store of its own")
+    return advice
 
 
 def master_address(init_method: Optional[str]):

@@ -145,8 +145,8 @@ def runs():
     """Background runs of a test; whatever is still running at its end is killed."""
     started = []
 
-    def start(*args, command=None):
-        run = Run(command) if command else Run.script(*args)
+    def start(*args, command=None, env=None):
+        run = Run(command, env=env) if command else Run.script(*args)
         started.append(run)
         return run
 

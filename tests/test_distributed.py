@@ -1,15 +1,21 @@
 """How a process learns its place in the job: torchrun, SLURM, the original's flags, our own spawn."""
+import datetime
 import os
 
 import pytest
+from torch.distributed import TCPStore
 
 from engine.config import parse_args
-from engine.distributed import LaunchPlan, is_lost_peer, master_address, plan_from_environment
+from engine.distributed import (
+    LaunchPlan, attempt_store, is_lost_peer, join_advice, master_address, plan_from_environment,
+)
 from engine.errors import UsageError
 from engine.network import choose_gloo_interface, interface_with_address
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
-                    "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "MASTER_ADDR", "MASTER_PORT")
+                    "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "MASTER_ADDR", "MASTER_PORT",
+                    "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT",
+                    "TORCHELASTIC_MAX_RESTARTS")
 
 
 @pytest.fixture
@@ -135,3 +141,33 @@ def test_machines_in_a_job_are_its_ranks_over_those_of_one_machine():
     assert LaunchPlan(0, 16, 0, 8, "env://").machines == 2
     assert LaunchPlan(1, 2, 0, 1, "tcp://node0:1").machines == 2  # the original's flags: one process a node
     assert LaunchPlan(0, 8, 0, 8, "env://").machines == 1
+
+
+def test_each_start_of_a_one_machine_group_keeps_its_own_keys_in_torchruns_store(clean_env):
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(server.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                            TORCHELASTIC_RESTART_COUNT="2").items():
+        clean_env.setenv(name, value)
+    store = attempt_store(LaunchPlan(0, 2, 0, 2, "env://"), datetime.timedelta(seconds=10))
+    store.set("rank_1", "address")
+    assert server.get("/eca/attempt_2/rank_1") == b"address"
+    assert not server.check(["rank_1"])
+
+
+def test_groups_without_torchruns_store_or_across_machines_join_as_torch_does(clean_env):
+    timeout = datetime.timedelta(seconds=10)
+    assert attempt_store(LaunchPlan(0, 2, 0, 2, "env://"), timeout) is None  # no agent store
+    clean_env.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert attempt_store(LaunchPlan(0, 2, 0, 2, "tcp://127.0.0.1:1234"), timeout) is None
+    assert attempt_store(LaunchPlan(0, 4, 0, 2, "env://"), timeout) is None  # each machine counts its restarts
+
+
+def test_a_restartable_group_across_machines_that_cannot_join_is_told_how_to_get_a_store_per_start(clean_env):
+    two_machines = LaunchPlan(1, 4, 1, 2, "env://")
+    plain = "check that every node was started within --dist-timeout (0.5 min) and that the address is one they all reach"
+    assert join_advice(two_machines, 0.5) == plain
+    clean_env.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    clean_env.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    advice = join_advice(two_machines, 0.5)
+    assert advice.startswith(plain + "; ") and "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun" in advice
+    assert join_advice(LaunchPlan(1, 2, 1, 2, "env://"), 0.5) == plain  # one machine: attempt_store keeps them apart

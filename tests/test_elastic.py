@@ -9,11 +9,14 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
+from torch.distributed import TCPStore
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from background import Run, children, max_difference, torchrun_command
+from background import ROOT, Run, children, free_port, max_difference, torchrun_command
 from engine.checkpoint import read_checkpoint
 from engine.state import SaveSchedule
 
@@ -150,6 +153,39 @@ def test_a_rank_killed_in_mid_epoch_is_restarted_and_the_run_ends_as_if_never_ki
     assert final.contents["epoch"] == 3
     assert max_difference(final.state_dict, expected.state_dict) <= TOLERANCE
     assert epochs_in_csv(tmp_path / "killed") == [0, 1, 2]
+
+
+def as_torchrun_starts(rank, attempt, store_port):
+    """The environment torchrun gives process ``rank`` of a 2-process group on its ``attempt``-th start."""
+    return {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store_port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": "3"}
+
+
+@pytest.mark.slow
+def test_a_restarted_group_keeps_clear_of_the_dead_groups_keys_in_torchruns_store(tiny_data, tmp_path, runs):
+    # torchrun keeps one store for the whole job, and each restarted group joins through it. Here the test
+    # is torchrun: it hosts the store, and starts the second group's rank 1 late. Had that group shared the
+    # first group's keys, its rank 0 would dial the first group's rank 1, which has exited, and fail.
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841 (serves while alive)
+
+    def start(rank, attempt):
+        command = [sys.executable, os.path.join(ROOT, "main.py"), *RUN, "--epochs", "1", "--dist-timeout", "1",
+                   "--output-dir", tmp_path / f"attempt{attempt}", tiny_data]
+        return runs(command=[str(part) for part in command], env=as_torchrun_starts(rank, attempt, port))
+
+    first = [start(rank, attempt=0) for rank in (0, 1)]
+    assert [run.finish(timeout=180) for run in first] == [0, 0], first[0].output + first[1].output
+    rank0 = start(0, attempt=1)
+    try:
+        rank0.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    assert rank0.process.poll() is None, rank0.output  # waiting for its own group's rank 1, not failed
+    rank1 = start(1, attempt=1)
+    assert (rank0.finish(timeout=180), rank1.finish(timeout=180)) == (0, 0), rank0.output + rank1.output
+    assert "Epoch 0 done" in rank0.output
 
 
 # --- resumed by another number of processes: every image of the epoch trained once ---------------------
