@@ -16,7 +16,7 @@ import pytest
 from torch.distributed import TCPStore
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from background import ROOT, Run, children, free_port, max_difference, torchrun_command
+from background import ROOT, Run, children, max_difference, torchrun_command
 from engine.checkpoint import read_checkpoint
 from engine.state import SaveSchedule
 
@@ -167,13 +167,12 @@ def test_a_restarted_group_keeps_clear_of_the_dead_groups_keys_in_torchruns_stor
     # torchrun keeps one store for the whole job, and each restarted group joins through it. Here the test
     # is torchrun: it hosts the store, and starts the second group's rank 1 late. Had that group shared the
     # first group's keys, its rank 0 would dial the first group's rank 1, which has exited, and fail.
-    port = free_port()
-    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841 (serves while alive)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
     def start(rank, attempt):
         command = [sys.executable, os.path.join(ROOT, "main.py"), *RUN, "--epochs", "1", "--dist-timeout", "1",
                    "--output-dir", tmp_path / f"attempt{attempt}", tiny_data]
-        return runs(command=[str(part) for part in command], env=as_torchrun_starts(rank, attempt, port))
+        return runs(command=[str(part) for part in command], env=as_torchrun_starts(rank, attempt, store.port))
 
     first = [start(rank, attempt=0) for rank in (0, 1)]
     assert [run.finish(timeout=180) for run in first] == [0, 0], first[0].output + first[1].output
